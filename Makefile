@@ -1,0 +1,41 @@
+# doge: one command to install, one to test.
+#   make install   create .venv and install the pinned stack + doge (editable); idempotent
+#   make test      run the offline test suite (what CI runs)
+#   make lint      ruff
+#   make bench     run the CPU benchmarks in benchmarks/ (minutes; GPU ones need a GPU)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.doge-installed
+# DeepSpeed builds no CUDA ops at install time (they are JIT-built when used).
+export DS_BUILD_OPS := 0
+# Tests and the demo never need the hub.
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: install test lint bench clean lock
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+test: install
+	$(TEST_ENV) $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/python -m ruff check doge_cli tests benchmarks
+
+bench: install
+	@for script in benchmarks/*.py; do \
+		case $$script in *_gpu.py) echo "skip $$script (needs a GPU)"; continue;; esac; \
+		echo "== $$script"; $(TEST_ENV) $(BIN)/python $$script || exit 1; \
+	done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# Regenerate the constraints file from the current environment (after changing dependencies).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' > constraints.txt

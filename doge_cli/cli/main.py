@@ -1,0 +1,53 @@
+"""The ``doge`` root command: registers one sub-app per command group and maps user errors
+to a one-line message with exit code 2."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from doge_cli import __version__
+from doge_cli.cli import config as config_cmd
+from doge_cli.cli import env as env_cmd
+from doge_cli.errors import DogeError
+
+app = typer.Typer(
+    name="doge",
+    help="Train small Doge language models end to end: data, tokenizer, pretraining, SFT, DPO, "
+    "GRPO, evaluation and chat. Offline by default.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+app.add_typer(config_cmd.app, name="config")
+app.command("env")(env_cmd.env)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"doge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """doge: raw text to a trained, aligned, evaluated, chatting Doge model."""
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        app(args=argv, prog_name="doge")
+    except DogeError as err:
+        print(f"doge: error: {err}", file=sys.stderr)
+        sys.exit(DogeError.exit_code)
+    except KeyboardInterrupt:
+        print("doge: interrupted", file=sys.stderr)
+        sys.exit(130)

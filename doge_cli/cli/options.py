@@ -1,0 +1,36 @@
+"""Option and argument aliases shared by several command groups (declared once, same help)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+SizeOpt = Annotated[
+    str | None,
+    typer.Option("--size", "-s", help="Model size preset: 1M, 5M (tiny CPU sizes), 20M, 60M, 160M, 320M."),
+]
+HardwareOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--hardware",
+        help="Hardware preset: cpu, rtx4090, a100-40gb, a100-80gb, h100, h200 or auto (detect). "
+        "Sets micro batch, precision, attention backend and data-loader workers.",
+    ),
+]
+RecipeAndOverridesArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="An optional YAML recipe (e.g. configs/doge/Doge-20M/pt.yaml) followed by dotted overrides "
+        "such as optim.lr=3e-3 data.max_length=1024. Precedence: defaults < size < hardware < recipe < overrides.",
+        show_default=False,
+    ),
+]
+
+
+def split_recipe_and_overrides(args: list[str] | None) -> tuple[str | None, list[str]]:
+    """The first argument is a recipe when it is not of the form key=value."""
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args

@@ -1,0 +1,201 @@
+"""Named presets: model sizes (with their per-stage hyper-parameters) and hardware.
+
+Sizes come from the SmallDoge training guide's tables (Doge-20M/60M/160M/320M, pretrained on one
+RTX 4090 for 4B/16B/32B/64B tokens) plus two tiny CPU sizes for the quickstart and tests.
+A preset is a partial config (nested dict) merged under the YAML recipe and the command line.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Per-stage defaults that differ from the schema's (which are pretraining's).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pt": {"output_dir": "./runs/pt", "data": {"path": "./datasets/merged/pt"}},
+    # The seed's Instruct and R1 recipes: 2 epochs (SFT/DPO), cosine to 10% with 10% warmup,
+    # 128 sequences per optimizer step.
+    "sft": {
+        "output_dir": "./runs/sft",
+        "data": {"path": "./datasets/merged/sft"},
+        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
+        "train": {"max_steps": None, "num_epochs": 2, "global_batch_size": 128},
+        "checkpoint": {"every": 100},
+        "logging": {"eval_every": 100},
+    },
+    "dpo": {
+        "output_dir": "./runs/dpo",
+        "data": {"path": "./datasets/merged/dpo", "max_length": 1024},
+        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
+        "train": {"max_steps": None, "num_epochs": 2, "global_batch_size": 128},
+        "checkpoint": {"every": 100},
+        "logging": {"eval_every": 100},
+    },
+    "grpo": {
+        "output_dir": "./runs/grpo",
+        "data": {"path": "./datasets/merged/grpo", "max_length": 1536},
+        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
+        "train": {"max_steps": None, "num_epochs": 1, "global_batch_size": 128},
+        "checkpoint": {"every": 100},
+        "logging": {"eval_every": 100, "log_every": 1},
+    },
+}
+
+
+def _size(
+    layers: int,
+    hidden: int,
+    ff: int,
+    heads: int,
+    kv_heads: int,
+    *,
+    pt_steps: int,
+    pt_batch: int,
+    pt_lr: float,
+    sft_lr: float,
+    dpo_lr: float,
+    vocab: int = 32768,
+    max_len: int = 2048,
+) -> dict[str, Any]:
+    model = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": ff,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_len,
+        "keep_window_size": max_len,
+        "tie_word_embeddings": True,
+    }
+    return {
+        "model": model,
+        "pt": {
+            "train": {"max_steps": pt_steps, "global_batch_size": pt_batch},
+            "optim": {"lr": pt_lr, "weight_decay": 0.01},
+            "schedule": {"name": "warmup_stable_decay", "warmup_ratio": 0.1, "decay_ratio": 0.1, "min_lr_rate": 0.0},
+            "data": {"max_length": max_len},
+        },
+        "sft": {"optim": {"lr": sft_lr}},
+        "dpo": {"optim": {"lr": dpo_lr}},
+        # The seed's GRPO recipes reuse the SFT learning rates.
+        "grpo": {"optim": {"lr": sft_lr}},
+    }
+
+
+# Doge-20M..320M: the seed's model table and pretraining hyper-parameters (micro-batch 1 ×
+# accumulation 256/512/768/1024 on one GPU = that many 2048-token sequences per step;
+# 8k/16k/24k/32k steps ≈ 4B/16B/32B/64B tokens). SFT lr 8e-4..2e-4, DPO lr 8e-5..2e-5.
+# "1M" and "5M" are tiny CPU sizes (parameter counts at the quickstart's 4096-token vocabulary).
+SIZES: dict[str, dict[str, Any]] = {
+    "1M": _size(4, 128, 256, 4, 2, pt_steps=300, pt_batch=8, pt_lr=3e-3, sft_lr=1e-3, dpo_lr=1e-4,
+                vocab=4096, max_len=256),
+    "5M": _size(5, 256, 768, 4, 2, pt_steps=1000, pt_batch=16, pt_lr=3e-3, sft_lr=1e-3, dpo_lr=1e-4,
+                vocab=4096, max_len=512),
+    "20M": _size(8, 256, 512, 2, 1, pt_steps=8000, pt_batch=256, pt_lr=8e-3, sft_lr=8e-4, dpo_lr=8e-5),
+    "60M": _size(16, 512, 1024, 4, 2, pt_steps=16000, pt_batch=512, pt_lr=6e-3, sft_lr=6e-4, dpo_lr=6e-5),
+    "160M": _size(24, 768, 1536, 6, 3, pt_steps=24000, pt_batch=768, pt_lr=4e-3, sft_lr=4e-4, dpo_lr=4e-5),
+    "320M": _size(32, 1024, 2048, 8, 4, pt_steps=32000, pt_batch=1024, pt_lr=2e-3, sft_lr=2e-4, dpo_lr=2e-5),
+}
+
+
+def normalize_size(name: str) -> str | None:
+    """Accept '20M', '20m', 'Doge-20M'; return the registry key or None."""
+    key = name.strip()
+    if key.lower().startswith("doge-"):
+        key = key[5:]
+    key = key.upper()
+    return key if key in SIZES else None
+
+
+@dataclass(frozen=True)
+class HardwarePreset:
+    """What a machine can do; the micro batch is derived from its memory and the model."""
+
+    description: str
+    memory_gb: float | None
+    """Accelerator memory; None for CPU (micro batch fixed by ``cpu_micro_batch``)."""
+    precision: str = "bf16"
+    attn_implementation: str = "auto"
+    compile: bool = False
+    dataloader_workers: int = 2
+    device: str = "cuda"
+    cpu_micro_batch: int = 4
+    max_micro_batch: int = 64
+    notes: list[str] = field(default_factory=list)
+
+
+# torch.compile stays off by default everywhere: it has not yet been benchmarked against our
+# kernels on every card; turn it on with runtime.compile=true.
+HARDWARE: dict[str, HardwarePreset] = {
+    "cpu": HardwarePreset("CPU only (fp32; bf16 needs AMX/AVX512-BF16 to pay off)", None, precision="fp32",
+                          dataloader_workers=0, device="cpu"),
+    "rtx4090": HardwarePreset("NVIDIA RTX 4090, 24 GB", 24),
+    "a100-40gb": HardwarePreset("NVIDIA A100, 40 GB", 40),
+    "a100-80gb": HardwarePreset("NVIDIA A100, 80 GB", 80),
+    "h100": HardwarePreset("NVIDIA H100, 80 GB", 80),
+    "h200": HardwarePreset("NVIDIA H200, 141 GB", 141),
+}
+HARDWARE_NAMES = [*HARDWARE, "auto"]
+
+
+def activation_bytes_per_sequence(model: dict[str, Any], seq_len: int, checkpointing: bool) -> float:
+    """Estimated training activation memory of one sequence in 16-bit precision.
+
+    Per layer ~ s·h·34 bytes (Korthikanti et al. 2022, "Reducing Activation Recomputation",
+    eq. 2, without the 5·a·s/h term that fused attention removes), plus the fp32 logits and
+    their gradient (2 × 4 bytes × s × vocab) that dominate small models. With gradient
+    checkpointing only each layer's input (2·s·h bytes) is kept.
+    """
+    h = model["hidden_size"]
+    per_layer = 2 * seq_len * h if checkpointing else 34 * seq_len * h
+    logits = 8 * seq_len * model["vocab_size"]
+    return model["num_hidden_layers"] * per_layer + logits
+
+
+def parameter_estimate(model: dict[str, Any]) -> int:
+    """Rough parameter count (no bias terms) used only for memory planning."""
+    h, ff, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
+    kv = h // model["num_attention_heads"] * model["num_key_value_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * ff
+    emb = model["vocab_size"] * h * (1 if model.get("tie_word_embeddings", True) else 2)
+    return layers * per_layer + emb
+
+
+def micro_batch_for(preset: HardwarePreset, model: dict[str, Any], seq_len: int, global_batch: int,
+                    checkpointing: bool = False) -> int:
+    """Largest power-of-two micro batch that fits in ~75% of the card after weights, gradients
+    and AdamW state (16 bytes per parameter), capped by the global batch."""
+    if preset.memory_gb is None:
+        cap = preset.cpu_micro_batch
+    else:
+        budget = 0.75 * preset.memory_gb * 2**30 - 16 * parameter_estimate(model)
+        per_seq = activation_bytes_per_sequence(model, seq_len, checkpointing)
+        cap = max(1, int(budget // per_seq)) if budget > 0 else 1
+    cap = min(cap, preset.max_micro_batch, global_batch)
+    micro = 2 ** int(math.log2(cap))
+    while global_batch % micro:
+        micro //= 2
+    return max(micro, 1)
+
+
+def detect_hardware() -> str:
+    """Pick the preset for the machine at hand (imports torch; call only when needed)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(0).lower()
+    mem_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if "h200" in name:
+        return "h200"
+    if "h100" in name:
+        return "h100"
+    if "a100" in name:
+        return "a100-80gb" if mem_gb > 50 else "a100-40gb"
+    if "4090" in name:
+        return "rtx4090"
+    # Unknown card: the preset with the most memory that still fits in it.
+    fitting = [(p.memory_gb, k) for k, p in HARDWARE.items() if p.memory_gb and p.memory_gb <= mem_gb + 1]
+    return max(fitting)[1] if fitting else "rtx4090"

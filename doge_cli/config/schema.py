@@ -1,0 +1,368 @@
+"""Typed configuration for every training stage.
+
+Each field is documented once, here, in its attribute docstring; that text is what
+``doge config show --explain`` and error messages print. All sections forbid unknown keys so a
+typo is an error (with a did-you-mean), never a silently ignored setting.
+
+A stage config (``PretrainConfig``, ``SFTConfig``, ``DPOConfig``, ``GRPOConfig``) is built by
+:func:`doge_cli.config.loader.resolve_config` from, in increasing precedence: these schema
+defaults < the size preset < the hardware preset < a YAML recipe < command-line overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
+
+AttnImplementation = Literal["auto", "eager", "sdpa", "flex", "triton"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, docs come from docstrings."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        protected_namespaces=(),
+    )
+
+
+class ModelConfig(Section):
+    """The Doge architecture; field names follow transformers' ``DogeConfig``."""
+
+    vocab_size: PositiveInt = 32768
+    """Vocabulary size. Set from the tokenizer at train time when they differ (a small offline
+    corpus cannot fill 32768 tokens); a mismatch with a loaded checkpoint is an error."""
+    hidden_size: PositiveInt = 256
+    """Width of the residual stream (d_model)."""
+    intermediate_size: PositiveInt = 512
+    """Hidden width of the SwiGLU MLP (d_ff)."""
+    num_hidden_layers: PositiveInt = 8
+    """Number of transformer blocks."""
+    num_attention_heads: PositiveInt = 2
+    """Number of query heads."""
+    num_key_value_heads: PositiveInt = 1
+    """Number of key/value heads (grouped-query attention when smaller than the query heads)."""
+    max_position_embeddings: PositiveInt = 2048
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """RoPE base frequency."""
+    rope_scaling: dict[str, Any] | None = None
+    """Optional RoPE scaling as transformers names it, e.g. {rope_type: dynamic, factor: 2.0}."""
+    keep_window_size: PositiveInt = 2048
+    """Dynamic mask attention keeps each query's top-k keys by learned bias only when the key
+    length exceeds this many tokens."""
+    rms_norm_eps: float = Field(1e-6, gt=0)
+    """Epsilon of every RMSNorm."""
+    initializer_range: float = Field(0.02, gt=0)
+    """Standard deviation of the normal init of linear and embedding weights."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the LM head weights (the seed's small models do)."""
+    is_moe: bool = False
+    """Use CDMoE (SwiGLU plus product-key-routed single-neuron experts) instead of the dense MLP."""
+    num_experts: PositiveInt = 16384
+    """Number of CDMoE experts; must be a perfect square (product-key routing)."""
+    num_experts_per_tok: PositiveInt = 64
+    """Experts each token selects in CDMoE."""
+    router_aux_loss_coef: float = Field(0.0, ge=0)
+    """Weight of the CDMoE router load-balancing loss; 0 for dense models (a non-zero value on a
+    dense model makes TRL ask for router logits that do not exist)."""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} must be divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.is_moe:
+            root = int(round(self.num_experts**0.5))
+            if root * root != self.num_experts:
+                raise ValueError(f"num_experts {self.num_experts} must be a perfect square for product-key routing")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError("num_experts_per_tok cannot exceed num_experts")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """Keyword arguments for ``transformers.DogeConfig``."""
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling:
+            rope.update(self.rope_scaling)
+        fields = self.model_dump(exclude={"rope_theta", "rope_scaling"})
+        fields["rope_parameters"] = rope
+        return fields
+
+
+class DataConfig(Section):
+    """Where training data comes from and how batches are shaped."""
+
+    path: str = "./datasets/merged/pt"
+    """Dataset folder written by ``doge data merge`` (a DatasetDict with train and test splits)."""
+    tokenizer: str | None = None
+    """Tokenizer folder or hub id saved with the final model; defaults to the one recorded with
+    the dataset, or the start model's."""
+    max_length: PositiveInt = 2048
+    """Tokens per training sequence."""
+    eval_split: str = "test"
+    """Split used for periodic evaluation; missing split means no evaluation."""
+
+
+class OptimConfig(Section):
+    """AdamW. Weight decay applies to matrices only: never to norms, biases, residual weights,
+    ``A`` or embeddings that are tied to the head's bias-free counterpart."""
+
+    lr: float = Field(8e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.01, ge=0)
+    """Decoupled weight decay for weight matrices."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
+    beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
+    eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    max_grad_norm: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    fused: bool | None = None
+    """Use torch's fused AdamW; None picks it where the device supports it."""
+
+
+class ScheduleConfig(Section):
+    """Learning-rate schedule over the optimizer steps."""
+
+    name: Literal["warmup_stable_decay", "cosine_with_min_lr", "constant_with_warmup"] = "warmup_stable_decay"
+    """warmup_stable_decay: linear warmup, constant, then decay (lets pretraining continue on new
+    data); cosine_with_min_lr: linear warmup then cosine down to min_lr_rate × lr."""
+    warmup_ratio: Ratio = 0.1
+    """Fraction of the optimizer steps spent warming up linearly from 0."""
+    decay_ratio: Ratio = 0.1
+    """warmup_stable_decay only: fraction of the steps spent decaying at the end."""
+    min_lr_rate: Ratio = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+    @model_validator(mode="after")
+    def _check_ratios(self) -> ScheduleConfig:
+        if self.name == "warmup_stable_decay" and self.warmup_ratio + self.decay_ratio > 1.0:
+            raise ValueError("warmup_ratio + decay_ratio must not exceed 1")
+        return self
+
+
+class TrainConfig(Section):
+    """How long to train and how many sequences make one optimizer step."""
+
+    max_steps: PositiveInt | None = 8000
+    """Optimizer steps to run. None: derive from num_epochs and the dataset size."""
+    num_epochs: float | None = Field(None, gt=0)
+    """Epochs over the training split, used when max_steps is None."""
+    global_batch_size: PositiveInt = 256
+    """Sequences per optimizer step across all processes (micro batch × accumulation ×
+    processes). The hardware preset picks the micro batch; accumulation is derived from this."""
+    seed: int = 233
+    """Seed for initialisation, data order and sampling."""
+
+    @model_validator(mode="after")
+    def _check_length(self) -> TrainConfig:
+        if self.max_steps is None and self.num_epochs is None:
+            raise ValueError("set train.max_steps or train.num_epochs")
+        return self
+
+
+class RuntimeConfig(Section):
+    """Machine-dependent settings; a hardware preset fills them."""
+
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Device for single-process runs; accelerate decides under a launcher."""
+    precision: Precision = "fp32"
+    """Compute precision: bf16 autocast where supported, fp32 otherwise; weights stay fp32."""
+    attn_implementation: AttnImplementation = "auto"
+    """Attention backend: eager (reference), sdpa, flex, triton (fused kernel), or auto (the
+    fastest correct one for the device)."""
+    micro_batch_size: PositiveInt = 1
+    """Sequences per forward/backward pass on each process."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    dataloader_workers: NonNegInt = 0
+    """Background data-loader processes per training process."""
+
+
+class LoggingConfig(Section):
+    """What is logged, where and how often."""
+
+    log_every: PositiveInt = 10
+    """Log metrics every this many optimizer steps (the only steps that synchronise with the device)."""
+    eval_every: NonNegInt = 500
+    """Evaluate on the eval split every this many steps; 0 only at the end."""
+    eval_batches: PositiveInt = 20
+    """Micro-batches per evaluation."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under RUN/tensorboard."""
+    sample_every: NonNegInt = 0
+    """Generate a short sample from sample_prompt every this many steps; 0 never."""
+    sample_prompt: str = "Once upon a time"
+    """Prompt for the periodic samples."""
+
+
+class CheckpointConfig(Section):
+    """Periodic checkpoints under RUN/checkpoints/step-NNNNNN/ and the final export."""
+
+    every: NonNegInt = 500
+    """Save a checkpoint every this many optimizer steps; 0 only the final model."""
+    keep_last: PositiveInt = 3
+    """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
+
+
+class StageConfig(Section):
+    """Sections every stage shares."""
+
+    size: str | None = None
+    """Size preset the run was resolved with (informational once resolved)."""
+    hardware: str = "auto"
+    """Hardware preset the run was resolved with (informational once resolved)."""
+    output_dir: str = "./runs/pt"
+    """Run folder: checkpoints, metrics.jsonl, resolved config, final/ model."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Model architecture (ignored when starting from an existing model)."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Training data."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Length of training and batch size."""
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    """Device, precision, kernels."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """Metrics and samples."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+
+
+class PretrainConfig(StageConfig):
+    """Pretraining (Doge-Base): next-token prediction on packed text."""
+
+    stage: Literal["pt"] = "pt"
+    """Training stage."""
+    init_from: str | None = None
+    """Continue pretraining from this model folder or hub id instead of a fresh init."""
+
+
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning (Doge-Instruct, and the R1 distillation stage): loss on assistant
+    tokens of chat conversations."""
+
+    stage: Literal["sft"] = "sft"
+    """Training stage."""
+    init_from: str | None = None
+    """Model folder or hub id to fine-tune (required)."""
+    assistant_only_loss: bool = True
+    """Compute the loss on assistant tokens only."""
+    packing: bool = True
+    """Pack several conversations per row (attention never crosses conversations)."""
+
+
+class DPOSection(Section):
+    """Direct preference optimisation (Rafailov et al., 2023)."""
+
+    beta: float = Field(0.1, gt=0)
+    """Strength of the implicit KL penalty to the reference model."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """sigmoid: DPO eq. 7; ipo: Azar et al. 2023 eq. 17; hinge: SLiC (Zhao et al. 2023)."""
+    label_smoothing: Ratio = 0.0
+    """Conservative DPO: assumed probability that a preference label is flipped (sigmoid only)."""
+    reference: Literal["model", "precomputed"] = "precomputed"
+    """model: keep a frozen copy of the start model; precomputed: compute its log-probabilities
+    once before training and store them (half the memory)."""
+    max_length: PositiveInt = 1024
+    """Longest prompt + completion; longer pairs are truncated (completion end first)."""
+    max_prompt_length: PositiveInt = 512
+    """Longest prompt; longer prompts keep their last tokens."""
+
+
+class DPOConfig(StageConfig):
+    """Preference optimisation of an SFT model."""
+
+    stage: Literal["dpo"] = "dpo"
+    """Training stage."""
+    init_from: str | None = None
+    """SFT model folder or hub id to align (required)."""
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    """DPO loss settings."""
+
+
+class RewardSpec(Section):
+    """One reward function and its weight."""
+
+    name: str
+    """A builtin reward (accuracy, format, length, repetition) or a dotted import path
+    ``package.module:function`` of a user function."""
+    weight: float = 1.0
+    """Weight of this reward in the total."""
+
+
+class GRPOSection(Section):
+    """Group relative policy optimisation (Shao et al., 2024, DeepSeekMath eq. 3)."""
+
+    num_generations: Annotated[int, Field(ge=2)] = 8
+    """Completions sampled per prompt (the group)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts."""
+    max_prompt_length: PositiveInt = 512
+    """Longest prompt; longer prompts keep their last tokens."""
+    max_completion_length: PositiveInt = 1024
+    """New tokens per completion."""
+    epsilon: float = Field(0.2, gt=0)
+    """Clipping range of the policy ratio."""
+    epsilon_high: float | None = None
+    """Upper clipping range (DAPO's clip-higher); None uses epsilon."""
+    beta: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to the reference model; 0 needs no reference model."""
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    """Token normalisation: grpo: per sequence then mean; dr_grpo: by max completion length;
+    dapo: by all completion tokens in the batch."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward standard deviation (Dr. GRPO turns this off)."""
+    num_iterations: PositiveInt = 1
+    """Optimisation passes over each batch of rollouts."""
+    rewards: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=1.0)]
+    )
+    """Reward functions and their weights."""
+
+
+class GRPOConfig(StageConfig):
+    """Reinforcement learning with verifiable rewards (Doge-R1)."""
+
+    stage: Literal["grpo"] = "grpo"
+    """Training stage."""
+    init_from: str | None = None
+    """Model folder or hub id to train (required)."""
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    """GRPO settings."""
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "pt": PretrainConfig,
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "grpo": GRPOConfig,
+}
