@@ -1,0 +1,83 @@
+"""``doge train``: pretraining and post-training stages on the shared training core."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+from doge_cli.cli.options import HardwareOpt, RecipeAndOverridesArg, SizeOpt, split_recipe_and_overrides
+
+app = typer.Typer(help="Train a Doge model: pretraining (pt) now; sft, dpo and grpo on the same core.",
+                  no_args_is_help=True)
+
+ResumeOpt = Annotated[
+    str | None,
+    typer.Option("--resume", help="'auto' continues from the newest complete checkpoint in the run folder; "
+                 "or a checkpoint folder RUN/checkpoints/step-NNNNNN."),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing run folder.")]
+AccelerateOpt = Annotated[
+    str | None,
+    typer.Option("--accelerate-config", help="Relaunch under 'accelerate launch --config_file FILE' "
+                 "(configs/accelerate/{single_gpu,ddp,zero2,zero3,fsdp}.yaml)."),
+]
+OutputOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Run folder (sets output_dir).")]
+
+
+def _run_stage(stage: str, args, size, hardware, resume, overwrite, accelerate_config, extra: list[str]) -> None:
+    if accelerate_config:
+        _relaunch(accelerate_config)
+        return
+    from doge_cli.config.loader import resolve_config
+    from doge_cli.train.core import train
+    from doge_cli.train.objectives import objective_for
+
+    recipe, overrides = split_recipe_and_overrides(args)
+    config = resolve_config(stage, size=size, hardware=hardware, recipe=recipe, overrides=[*overrides, *extra])
+    result = train(config, objective_for(config), resume=resume, overwrite=overwrite)
+    if result.final_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"final model: {result.final_dir}")
+
+
+def _relaunch(config_file: str) -> None:
+    """Re-run this very command under ``accelerate launch``, without the --accelerate-config flag."""
+    from doge_cli.errors import DogeError
+
+    if not os.path.isfile(config_file):
+        raise DogeError(f"accelerate config {config_file} does not exist; see configs/accelerate/")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--accelerate-config":
+            skip = True
+            continue
+        if arg.startswith("--accelerate-config="):
+            continue
+        argv.append(arg)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "-m", "doge_cli", *argv]
+    raise typer.Exit(subprocess.call(cmd))
+
+
+@app.command("pt")
+def train_pt(
+    args: RecipeAndOverridesArg = None,
+    size: SizeOpt = None,
+    hardware: HardwareOpt = None,
+    init_from: Annotated[str | None, typer.Option("--init-from", help="Continue pretraining from this model "
+                                                  "folder or hub id (the reason for warmup-stable-decay).")] = None,
+    output_dir: OutputOpt = None,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Pretrain Doge-Base from the merged pretraining dataset (doge data merge --stage pt)."""
+    extra = [f"init_from={init_from}"] if init_from else []
+    if output_dir:
+        extra.append(f"output_dir={output_dir}")
+    _run_stage("pt", args, size, hardware, resume, overwrite, accelerate_config, extra)

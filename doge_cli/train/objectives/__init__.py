@@ -1,0 +1,18 @@
+"""Stage objectives: how a stage builds batches and computes its loss on the shared core."""
+
+from __future__ import annotations
+
+from doge_cli.config.schema import StageConfig
+from doge_cli.train.objectives.base import LossOutput, Objective
+
+
+def objective_for(config: StageConfig) -> Objective:
+    """The objective of ``config.stage`` (imported lazily: each pulls in what it needs)."""
+    if config.stage == "pt":
+        from doge_cli.train.objectives.pt import PretrainObjective
+
+        return PretrainObjective(config)
+    raise NotImplementedError(f"stage {config.stage} is not implemented yet")
+
+
+__all__ = ["LossOutput", "Objective", "objective_for"]

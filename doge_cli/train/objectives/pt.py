@@ -1,0 +1,147 @@
+"""Pretraining: next-token prediction on packed blocks of documents.
+
+Rows hold ``input_ids`` and ``position_ids`` (positions restart at 0 where a document starts;
+the model derives document masking from them). The target of a token is the next token of the
+same document: the first token of the next document is never predicted from the previous one,
+and padding (``attention_mask`` 0, when present) is never a target.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from doge_cli.errors import DogeError
+from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict, load_tokenizer
+
+
+def tokenizer_from_manifest(data_path: str) -> str | None:
+    """The tokenizer that ``doge data`` recorded for a dataset folder, if any."""
+    manifest = Path(data_path) / "manifest.json"
+    if manifest.is_file():
+        try:
+            return json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer")
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``labels[t] = input_ids[t + 1]`` within a document, else -100 (already shifted)."""
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    if position_ids is not None:
+        labels[:, :-1][position_ids[:, 1:] == 0] = -100
+    if attention_mask is not None:
+        labels[:, :-1][attention_mask[:, 1:] == 0] = -100
+        labels[attention_mask == 0] = -100
+    return labels
+
+
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+    """Sum of next-token cross-entropies through the fused linear cross-entropy (no full logits)."""
+    from doge_cli.kernels.linear_cross_entropy import linear_cross_entropy
+
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        return_hidden_states=True,
+    )
+    hidden = out.hidden_states
+    head = _unwrap(model).lm_head.weight
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), reduction="sum")
+    metrics = {}
+    if out.aux_loss is not None:
+        n = (labels != -100).sum()
+        # The router loss is a per-token mean: weight it by the targets so normalisation keeps it a mean.
+        loss = loss + out.aux_loss * n
+        metrics["aux_loss"] = (out.aux_loss.detach() * n).float()
+    return LossOutput(loss, metrics)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+class PretrainObjective(Objective):
+    stage = "pt"
+
+    def setup(self) -> None:
+        cfg = self.config
+        data = load_dataset_dict(cfg.data.path, "pt")
+        self.train_data = data["train"]
+        self.eval_data = data.get(cfg.data.eval_split)
+        for name in ("input_ids",):
+            if name not in self.train_data.column_names:
+                raise DogeError(f"dataset {cfg.data.path} has no '{name}' column (columns: "
+                                f"{', '.join(self.train_data.column_names)}); build it with 'doge data tokenize --stage pt'")
+        recorded = tokenizer_from_manifest(cfg.data.path)
+        init_dirs = [Path(cfg.init_from)] if cfg.init_from else []
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer or recorded, init_dirs)
+        length = len(self.train_data[0]["input_ids"])
+        if length != cfg.data.max_length:
+            raise DogeError(f"dataset {cfg.data.path} holds {length}-token blocks but data.max_length is "
+                            f"{cfg.data.max_length}; set data.max_length={length} or re-tokenize with --max-length")
+
+    def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {"input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)}
+        if "position_ids" in rows[0]:
+            batch["position_ids"] = torch.tensor([r["position_ids"] for r in rows], dtype=torch.long)
+        if "attention_mask" in rows[0]:
+            batch["attention_mask"] = torch.tensor([r["attention_mask"] for r in rows], dtype=torch.long)
+        batch["labels"] = next_token_labels(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+        return batch
+
+    def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    def build_model(self):
+        from doge_cli.model import DogeForCausalLM, load_model
+
+        cfg = self.config
+        vocab = len(self.tokenizer)
+        if cfg.init_from:
+            model = load_model(cfg.init_from, attn_implementation=cfg.runtime.attn_implementation)
+            if model.config.vocab_size < vocab:
+                raise DogeError(f"the tokenizer has {vocab} tokens but model {cfg.init_from} has a vocabulary of "
+                                f"{model.config.vocab_size}; use the tokenizer the model was trained with")
+        else:
+            model = DogeForCausalLM(self.hf_config(), attn_implementation=cfg.runtime.attn_implementation)
+        self.model_config = model.config
+        return model
+
+    def hf_config(self):
+        """The DogeConfig of a fresh model: the config's shape with the tokenizer's vocabulary and ids."""
+        from transformers import DogeConfig
+
+        tok = self.tokenizer
+        fields = self.config.model.to_hf_dict()
+        fields["vocab_size"] = len(tok)
+        fields.update(bos_token_id=tok.bos_token_id, eos_token_id=_eos_ids(tok), pad_token_id=tok.pad_token_id)
+        return DogeConfig(**fields)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return causal_lm_loss_sum(model, batch, batch["labels"])
+
+    def flops_per_target(self) -> float | None:
+        from doge_cli.model import training_flops_per_token
+
+        config = getattr(self, "model_config", None) or self.hf_config()
+        return float(training_flops_per_token(config, self.config.data.max_length))
+
+
+def _eos_ids(tok) -> int | list[int]:
+    """EOS ids for generation: the tokenizer's EOS and, for chat tokenizers, the end-of-turn token."""
+    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    for token in ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>"):
+        tid = tok.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid not in ids and tid < len(tok):
+            ids.append(tid)
+    return ids[0] if len(ids) == 1 else ids

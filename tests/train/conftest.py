@@ -1,0 +1,79 @@
+"""Tiny tokenizer + packed pretraining data built in-process (no hub, no doge data dependency)."""
+
+import json
+
+import pytest
+
+BLOCK = 64
+
+
+def _texts():
+    from pydoc_data.topics import topics
+
+    return [t for t in topics.values() if len(t) > 200][:120]
+
+
+def make_tokenizer(path, vocab_size=320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", "<|end_of_text|>",
+                                                                       "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_texts(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<|pad|>")
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_pt_dataset(path, tokenizer, block=BLOCK, n_test_blocks=8):
+    from datasets import Dataset, DatasetDict
+
+    ids, pos = [], []
+    for text in _texts():
+        doc = tokenizer(text)["input_ids"][: block * 3] + [tokenizer.eos_token_id]
+        ids.extend(doc)
+        pos.extend(range(len(doc)))
+    rows = {"input_ids": [], "position_ids": []}
+    for start in range(0, len(ids) - block + 1, block):
+        chunk_pos = pos[start:start + block]
+        base = chunk_pos[0]
+        # positions restart at each block start, then at each document start
+        fixed, cur = [], 0
+        for i, p in enumerate(chunk_pos):
+            cur = 0 if (i == 0 or p == 0) else cur + 1
+            fixed.append(cur)
+        del base
+        rows["input_ids"].append(ids[start:start + block])
+        rows["position_ids"].append(fixed)
+    data = Dataset.from_dict(rows)
+    dd = DatasetDict({"train": data.select(range(n_test_blocks, len(data))), "test": data.select(range(n_test_blocks))})
+    dd.save_to_disk(str(path))
+    (path / "manifest.json").write_text(json.dumps({"tokenizer": str(path.parent / "tokenizer")}))
+    return dd
+
+
+@pytest.fixture(scope="session")
+def pt_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ptdata")
+    tok = make_tokenizer(root / "tokenizer")
+    make_pt_dataset(root / "merged_pt", tok)
+    return root / "merged_pt"
+
+
+def tiny_overrides(data_path, out, steps=20, **extra):
+    over = {
+        "data.path": str(data_path), "data.max_length": BLOCK, "output_dir": str(out),
+        "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 2,
+        "model.num_attention_heads": 2, "model.num_key_value_heads": 1, "model.max_position_embeddings": BLOCK,
+        "model.keep_window_size": BLOCK, "train.max_steps": steps, "train.global_batch_size": 4,
+        "runtime.micro_batch_size": 2, "runtime.precision": "fp32", "runtime.attn_implementation": "sdpa",
+        "optim.lr": 3e-3, "logging.log_every": 1, "logging.eval_every": 0, "logging.eval_batches": 2,
+        "checkpoint.every": 0, "schedule.warmup_ratio": 0.1,
+    }
+    over.update(extra)
+    return [f"{k}={v}" for k, v in over.items()]

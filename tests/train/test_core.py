@@ -1,0 +1,133 @@
+"""The training core on a tiny model: learning, exact resume, accumulation invariance, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from doge_cli.config import resolve_config
+from doge_cli.errors import DogeError
+from doge_cli.train.core import train
+from doge_cli.train.objectives import objective_for
+
+ENV = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run(pt_data, out, steps=20, resume=None, overwrite=False, stop_after=None, **extra):
+    cfg = resolve_config("pt", hardware="cpu", overrides=tiny_overrides(pt_data, out, steps=steps, **extra))
+    return train(cfg, objective_for(cfg), resume=resume, overwrite=overwrite, stop_after=stop_after)
+
+
+def losses(run_dir):
+    return [json.loads(ln)["loss"] for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_loss_falls_and_final_loads_in_transformers(pt_data, tmp_path):
+    result = run(pt_data, tmp_path / "run", steps=30, **{"logging.eval_every": 10})
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 30
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 - 0.5
+    assert result.eval_loss is not None and result.eval_loss < curve[0]
+    assert (tmp_path / "run" / "loss_curve.png").stat().st_size > 1000
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    final = result.final_dir
+    hf = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    gen = GenerationConfig.from_pretrained(final)
+    assert type(hf).__name__ == "DogeForCausalLM" and hf.config.vocab_size == len(tok)
+    assert tok.eos_token_id in ([gen.eos_token_id] if isinstance(gen.eos_token_id, int) else gen.eos_token_id)
+    ids = tok("The", return_tensors="pt").input_ids
+    out = hf.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5 or tok.eos_token_id in out[0].tolist()
+
+
+def test_resume_equals_straight_run(pt_data, tmp_path):
+    run(pt_data, tmp_path / "straight", steps=20)
+    part = run(pt_data, tmp_path / "resumed", steps=20, stop_after=10, **{"checkpoint.every": 5})
+    assert part.final_dir is None and part.steps == 10
+    done = run(pt_data, tmp_path / "resumed", steps=20, resume="auto", **{"checkpoint.every": 5})
+    assert done.steps == 20
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accumulation_invariance(pt_data, tmp_path):
+    one = run(pt_data, tmp_path / "m1", steps=3, **{"train.global_batch_size": 8, "runtime.micro_batch_size": 1})
+    eight = run(pt_data, tmp_path / "m8", steps=3, **{"train.global_batch_size": 8, "runtime.micro_batch_size": 8})
+    la, lb = losses(tmp_path / "m1"), losses(tmp_path / "m8")
+    assert la == pytest.approx(lb, rel=1e-5)
+    a, b = weights(one.final_dir), weights(eight.final_dir)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_sigkill_then_resume_auto_matches(pt_data, tmp_path):
+    """Kill -9 a real `doge train pt` mid-run (possibly mid-checkpoint), then --resume auto."""
+    straight = run(pt_data, tmp_path / "straight", steps=16)
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "doge_cli", "train", "pt", "--hardware", "cpu",
+            *tiny_overrides(pt_data, out, steps=16, **{"checkpoint.every": 2})]
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-000006").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # a half-written checkpoint must be invisible to --resume auto
+    (out / "checkpoints" / ".tmp-step-000099").mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([*args, "--resume", "auto"], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    a, b = weights(straight.final_dir), weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(tmp_path / "straight") == losses(out)
+
+
+def test_keep_last_checkpoints(pt_data, tmp_path):
+    run(pt_data, tmp_path / "run", steps=8, stop_after=8, **{"checkpoint.every": 2, "checkpoint.keep_last": 2})
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-000006", "step-000008"] or names == ["step-000004", "step-000006"]
+
+
+def test_output_dir_guards(pt_data, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DogeError, match="not a doge run"):
+        run(pt_data, foreign, steps=2)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    run(pt_data, tmp_path / "again", steps=2)
+    with pytest.raises(DogeError, match="--resume auto"):
+        run(pt_data, tmp_path / "again", steps=2)
+    run(pt_data, tmp_path / "again", steps=2, overwrite=True)
+
+
+def test_resume_with_changed_config_is_refused(pt_data, tmp_path):
+    run(pt_data, tmp_path / "run", steps=10, stop_after=4, **{"checkpoint.every": 2})
+    with pytest.raises(DogeError, match="config changed.*optim.lr"):
+        run(pt_data, tmp_path / "run", steps=10, resume="auto", **{"checkpoint.every": 2, "optim.lr": 1e-2})
+
+
+def test_missing_dataset_names_the_data_command(tmp_path):
+    with pytest.raises(DogeError, match="doge data"):
+        run(tmp_path / "nothing", tmp_path / "run", steps=2)
+
+
+def test_divergence_stops_with_a_message(pt_data, tmp_path):
+    with pytest.raises(DogeError, match="NaN or infinite"):
+        run(pt_data, tmp_path / "run", steps=6, **{"optim.lr": 1e30, "optim.max_grad_norm": 0})
