@@ -11,7 +11,7 @@ Doge's additions to plain causal attention are all folded into the score tile:
   d(score)/d(bias) = 1, d(bias) is the column sum of dS, reduced inside the dk/dv program, which
   owns whole key columns for every query head of its kv-head group, so no atomics are needed.
 - causal, packed-document and key-padding masks;
-- the top-k keep window, given as a per-(kv head, query) threshold computed beforehand.
+- the top-k keep window, given as a per-(kv head, query) threshold and tie cut computed beforehand.
 
 Masked scores are -inf; a query with no allowed key ends with l = 0 and writes zeros, and its
 log-sum-exp is stored as +inf so the backward's exp2(s - lse) is 0 there too.
@@ -59,8 +59,13 @@ def _allowed(offs_m, offs_n, q_pos, Tq, Tk, b, hk, Hkv,
         k_doc = tl.load(Doc + b * s_doc_b + offs_n * s_doc_t, mask=n_in, other=-2)
         ok = ok & (q_doc[:, None] == k_doc[None, :])
     if HAS_TOPK:
-        thr = tl.load(Thr + (b * Hkv + hk) * Tq + offs_m, mask=m_in, other=float("inf"))
-        ok = ok & (bias[None, :] >= thr[:, None])
+        # Thr is (B, Hkv, Tq, 2): threshold, then the first kept position among keys tied with it.
+        row = ((b * Hkv + hk) * Tq + offs_m) * 2
+        thr = tl.load(Thr + row, mask=m_in, other=float("inf"))
+        cut = tl.load(Thr + row + 1, mask=m_in, other=0.0)
+        above = bias[None, :] > thr[:, None]
+        tie_kept = (bias[None, :] == thr[:, None]) & (offs_n[None, :].to(tl.float32) >= cut[:, None])
+        ok = ok & (above | tie_kept)
     return ok
 
 

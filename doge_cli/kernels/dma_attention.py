@@ -7,11 +7,11 @@ restricted to the allowed keys of query i, which sits at key position Tk - Tq + 
 - packed documents: doc_ids[b, j] == doc_ids[b, Tk - Tq + i];
 - padding: key_padding_mask[b, j] is True;
 - keep window: when Tk > keep_window_size, only the keep_window_size allowed keys with the
-  largest bias. This is the rule of transformers' ``DogeAttention.prepare_dynamic_mask``: the
-  bias is masked first, then ``topk`` over the keys of each (kv head, query) row. That code
-  breaks ties at the k-th value arbitrarily (``torch.topk``); the Triton path keeps every key
-  whose bias equals the k-th largest, so with exact ties it may keep a few more keys. The
-  reference below uses ``torch.topk`` exactly like transformers.
+  largest bias. This is the rule of transformers' ``DogeAttention.prepare_dynamic_mask`` (mask
+  the bias, then ``topk`` over the keys of each (kv head, query) row), except for ties at the
+  k-th value: transformers keeps whichever tied keys ``torch.topk`` happens to return (it differs
+  by device), here the latest tied keys are kept (see :func:`keep_window_threshold`). Kernel and
+  reference share that rule, so they agree exactly; without ties both equal transformers.
 
 A query with no allowed key outputs zeros (transformers would spread it uniformly; zeros are
 what a padded query should contribute and they cannot produce NaN gradients).
@@ -26,7 +26,7 @@ import torch
 from doge_cli.errors import DogeError
 from doge_cli.kernels import is_available
 
-__all__ = ["dma_attention", "dma_attention_reference", "keep_window_threshold"]
+__all__ = ["dma_attention", "dma_attention_reference", "keep_window_mask", "keep_window_threshold"]
 
 # Bytes of fp32 scores the top-k pre-pass may hold at once; it works through queries in chunks.
 _THRESHOLD_CHUNK_BYTES = 256 * 1024 * 1024
@@ -73,23 +73,44 @@ def _allowed_mask(B, Tq, Tk, device, doc_ids, key_padding_mask, q_start=0, q_end
 
 @torch.no_grad()
 def keep_window_threshold(bias, Tq, keep_window_size, doc_ids=None, key_padding_mask=None) -> torch.Tensor:
-    """Per-(batch, kv head, query) bias threshold of the top-``keep_window_size`` allowed keys.
+    """Which keys each query keeps under the top-``keep_window_size`` rule, as (threshold, cut).
 
-    Returns (B, Hkv, Tq) fp32: the k-th largest bias among the keys a query may attend, or -inf
-    when it may attend fewer than k keys (then every allowed key is kept). A key is kept iff it
-    is allowed and its bias >= the threshold. Not differentiable: like ``torch.topk`` indices in
-    transformers, the selection carries no gradient.
+    Returns (B, Hkv, Tq, 2) fp32. ``[..., 0]`` is the k-th largest bias among the keys the query
+    may attend (-inf when it may attend fewer than k, so every allowed key is kept); ``[..., 1]``
+    is a key position. An allowed key j is kept iff ``bias_j > threshold`` or
+    ``bias_j == threshold and j >= cut``: keys tied at the threshold are taken latest first, so
+    exactly k keys are kept. Ties are common in Doge, not a corner case: the bias depends only on
+    the value vector, so repeated tokens tie, and at initialisation (A = 0) every bias is 1 and
+    this rule becomes a sliding window of the k most recent keys. (transformers breaks ties by
+    whatever order ``torch.topk`` returns, which differs by device.) Not differentiable: the
+    selection carries no gradient, as in transformers.
     """
     B, Hkv, Tk = bias.shape
     bias32 = bias.float()
-    rows = max(1, _THRESHOLD_CHUNK_BYTES // max(1, 4 * B * Hkv * Tk))
-    out = torch.empty((B, Hkv, Tq), dtype=torch.float32, device=bias.device)
+    # Peak is a few (B, Hkv, rows, Tk) tensors of 4-8 bytes; work through the queries in chunks.
+    rows = max(1, _THRESHOLD_CHUNK_BYTES // max(1, 16 * B * Hkv * Tk))
+    out = torch.empty((B, Hkv, Tq, 2), dtype=torch.float32, device=bias.device)
+    positions = torch.arange(Tk, device=bias.device, dtype=torch.float32)
     for start in range(0, Tq, rows):
         end = min(start + rows, Tq)
         allowed = _allowed_mask(B, Tq, Tk, bias.device, doc_ids, key_padding_mask, start, end)
         masked = torch.where(allowed, bias32[:, :, None, :], float("-inf"))
-        out[:, :, start:end] = masked.topk(keep_window_size, dim=-1).values[..., -1]
+        thr = masked.topk(keep_window_size, dim=-1).values[..., -1:]
+        ties_wanted = keep_window_size - (masked > thr).sum(-1, keepdim=True)
+        tied = (masked == thr) & allowed
+        ties_from_right = tied.flip(-1).cumsum(-1).flip(-1)
+        kept_tie = tied & (ties_from_right <= ties_wanted)
+        cut = torch.where(kept_tie, positions, float(Tk)).amin(-1, keepdim=True)
+        out[:, :, start:end] = torch.cat((thr, cut), dim=-1)
     return out
+
+
+def keep_window_mask(window: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, Tq, Tk) bool: keys kept by the (threshold, cut) of :func:`keep_window_threshold`."""
+    b = bias.detach().float()[:, :, None, :]
+    thr, cut = window[..., 0:1], window[..., 1:2]
+    positions = torch.arange(bias.shape[-1], device=bias.device, dtype=torch.float32)
+    return (b > thr) | ((b == thr) & (positions >= cut))
 
 
 def dma_attention_reference(
@@ -116,11 +137,8 @@ def dma_attention_reference(
     allowed = _allowed_mask(B, Tq, Tk, q.device, doc_ids, key_padding_mask)  # (B, 1, Tq, Tk)
     allowed = allowed.expand(B, Hkv, Tq, Tk)
     if keep_window_size is not None and Tk > keep_window_size:
-        # transformers: masked_fill the bias, then topk over each row, then mask everything else.
-        ranked = torch.where(allowed, bias.detach()[:, :, None, :].to(acc), float("-inf"))
-        top = ranked.topk(keep_window_size, dim=-1).indices
-        keep = torch.zeros_like(allowed).scatter(-1, top, True)
-        allowed = allowed & keep
+        window = keep_window_threshold(bias, Tq, keep_window_size, doc_ids, key_padding_mask)
+        allowed = allowed & keep_window_mask(window, bias)
     kk = k.to(acc).repeat_interleave(group, dim=1)
     vv = v.to(acc).repeat_interleave(group, dim=1)
     scores = (q.to(acc) @ kk.transpose(-1, -2)) * scale + bias.to(acc).repeat_interleave(group, dim=1)[:, :, None, :]

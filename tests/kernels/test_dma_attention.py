@@ -5,7 +5,12 @@ import torch
 
 from doge_cli.errors import DogeError
 from doge_cli.kernels import is_available
-from doge_cli.kernels.dma_attention import dma_attention, dma_attention_reference, keep_window_threshold
+from doge_cli.kernels.dma_attention import (
+    dma_attention,
+    dma_attention_reference,
+    keep_window_mask,
+    keep_window_threshold,
+)
 
 pytest.importorskip("triton")
 assert os.environ.get("TRITON_INTERPRET") == "1"
@@ -122,10 +127,36 @@ def test_bf16_runs_and_stays_close():
 
 def test_threshold_keeps_k_keys_and_minus_inf_when_fewer():
     bias = torch.randn(1, 1, 10, generator=torch.Generator().manual_seed(0))
-    thr = keep_window_threshold(bias, 10, 3)
-    kept = (bias[0, 0][None, :] >= thr[0, 0][:, None]) & torch.ones(10, 10, dtype=torch.bool).tril()
+    window = keep_window_threshold(bias, 10, 3)
+    kept = keep_window_mask(window, bias)[0, 0] & torch.ones(10, 10, dtype=torch.bool).tril()
     assert kept.sum(-1).tolist() == [1, 2] + [3] * 8
-    assert torch.isinf(thr[0, 0, :2]).all() and (thr[0, 0, :2] < 0).all()
+    thr = window[0, 0, :, 0]
+    assert torch.isinf(thr[:2]).all() and (thr[:2] < 0).all()
+
+
+def test_ties_keep_exactly_k_latest_keys():
+    """Equal biases (A = 0 at init, or repeated tokens): the window is the k latest allowed keys."""
+    B, H, T, D, keep = 1, 2, 21, 16, 5
+    q, k, v, bias = _make(B, H, H, T, T, D, seed=4)
+    with torch.no_grad():
+        bias.fill_(1.0)
+        bias[0, 1, ::3] = 2.0  # head 1: a mix of ties and distinct values
+    doc_ids = torch.tensor([[0] * 9 + [1] * 12])
+    kw = dict(scale=D**-0.5, doc_ids=doc_ids, key_padding_mask=None, keep_window_size=keep)
+    window = keep_window_threshold(bias, T, keep, doc_ids)
+    allowed = (torch.ones(T, T, dtype=torch.bool).tril() & (doc_ids[0][:, None] == doc_ids[0][None, :]))
+    kept = keep_window_mask(window, bias)[0] & allowed
+    assert (kept.sum(-1) == allowed.sum(-1).clamp(max=keep)).all()
+    # Head 0: all tied, so a sliding window of the `keep` most recent keys of the same document.
+    pos = torch.arange(T)
+    assert torch.equal(kept[0], allowed & (pos[None, :] > pos[:, None] - keep))
+
+    grad_out = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(2))
+    out, grads = _run(dma_attention, [q, k, v, bias], grad_out, **kw)
+    ref, ref_grads = _run(dma_attention_reference, [q, k, v, bias], grad_out, **kw)
+    _close(out, ref, 1e-5)
+    for a, b in zip(grads, ref_grads, strict=True):
+        _close(a, b, 1e-5)
 
 
 def test_reference_matches_transformers_topk_rule():
@@ -162,7 +193,7 @@ def test_is_available():
 
 def test_opcheck_fake_and_autograd_registration():
     q, k, v, bias = [t.detach().requires_grad_() for t in _make(1, 2, 1, 16, 16, 16)]
-    thr = keep_window_threshold(bias.detach(), 16, 4)
+    thr = keep_window_threshold(bias.detach(), 16, 4)  # (B, Hkv, Tq, 2): threshold and tie cut
     torch.library.opcheck(torch.ops.doge.dma_attention_fwd, (q, k, v, bias, thr, None, None, 0.25),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
