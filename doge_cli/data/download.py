@@ -1,0 +1,124 @@
+"""``doge data download``: fetch a recipe's sources, or import local files, into the datasets folder.
+
+Each source lands at ``<save_dir>/<stage>/<source>/`` (``datasets.save_to_disk``) with a
+``manifest.json`` (source, revision, rows, bytes, stage, columns). Evaluation sets land at
+``<save_dir>/eval/<name>/`` with a ``test.jsonl`` beside the Arrow files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from doge_cli.data.builtin import BUILTIN_SOURCES, builtin_dataset
+from doge_cli.data.hub import HUB_SOURCES, load_hub_source
+from doge_cli.data.schema import STAGES, normalize
+from doge_cli.data.storage import save_dataset
+from doge_cli.errors import DogeError
+
+RECIPES: dict[str, tuple[str, ...]] = {
+    "pretrain": ("fineweb-edu-dedup", "cosmopedia-v2", "python-edu", "finemath"),
+    "sft": ("smoltalk",),
+    "dpo": ("ultrafeedback_binarized",),
+    "r1": ("bespoke-stratos-17k", "numinamath-tir"),
+    "grpo": ("numinamath-tir",),
+    "quickstart": tuple(BUILTIN_SOURCES),
+}
+
+
+def _pick(recipe: str, sources: list[str] | None) -> list[str]:
+    if recipe not in RECIPES:
+        raise DogeError(f"unknown recipe {recipe!r}; choose from: {', '.join(RECIPES)}")
+    names = list(RECIPES[recipe])
+    if not sources:
+        return names
+    unknown = [s for s in sources if s not in names]
+    if unknown:
+        raise DogeError(f"recipe {recipe} has no source {unknown[0]!r}; its sources: {', '.join(names)}")
+    return [n for n in names if n in sources]
+
+
+def download_recipe(
+    recipe: str,
+    save_dir: Path,
+    *,
+    sources: list[str] | None = None,
+    max_examples: int | None = None,
+    streaming: bool = False,
+    revision: str | None = None,
+    hub_mirror: Path | None = None,
+    seed: int = 233,
+    log: Callable[[str], None] = lambda _m: None,
+) -> list[dict]:
+    """Download (or build) every source of ``recipe``; returns their manifests."""
+    names = _pick(recipe, sources)
+    if max_examples is not None and max_examples <= 0:
+        raise DogeError("--max-examples must be positive")
+    save_dir = Path(save_dir)
+    manifests = []
+    for name in names:
+        if name in BUILTIN_SOURCES:
+            src = BUILTIN_SOURCES[name]
+            ds = builtin_dataset(name, seed=seed, max_examples=max_examples)
+            manifest = save_dataset(
+                ds, save_dir / src.stage / name, stage=src.stage, source=f"builtin:{name}",
+                revision=_package_version(src.package), extra={"package": src.package, "seed": seed},
+                jsonl=src.stage == "eval",
+            )
+        else:
+            src = HUB_SOURCES[name]
+            dest = save_dir / src.stage / name
+            partial = dest.parent / f".{name}.partial"
+            raw = load_hub_source(src, max_examples=max_examples, streaming=streaming, revision=revision,
+                                  hub_mirror=hub_mirror, partial_dir=partial)
+            ds = normalize(raw, src.stage, src.fields, where=f"{src.repo}:{src.config or src.split}")
+            if len(ds) == 0:
+                raise DogeError(f"{name}: no usable rows after normalizing; check the source")
+            manifest = save_dataset(
+                ds, dest, stage=src.stage, source=f"hub:{src.repo}" + (f"/{src.config}" if src.config else ""),
+                revision=revision or "main", extra={"split": src.split, "max_examples": max_examples},
+            )
+            shutil.rmtree(partial, ignore_errors=True)
+        log(f"{src.stage}/{name}: {manifest['rows']:,} rows, {manifest['bytes'] / 2**20:.1f} MiB")
+        manifests.append(manifest)
+    return manifests
+
+
+def import_local(
+    path: Path,
+    save_dir: Path,
+    *,
+    stage: str,
+    name: str | None = None,
+    fields: dict[str, str] | None = None,
+    max_examples: int | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict:
+    """Read local files, map their fields onto ``stage``'s schema and save them as a source."""
+    from doge_cli.data.local import load_local
+
+    if stage not in STAGES:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    path = Path(path)
+    raw = load_local(path)
+    if max_examples is not None:
+        raw = raw.select(range(min(max_examples, len(raw))))
+    ds = normalize(raw, stage, fields, where=str(path))
+    if len(ds) == 0:
+        raise DogeError(f"{path}: no usable rows (all empty after mapping the fields)")
+    name = name or path.stem
+    manifest = save_dataset(ds, save_dir / stage / name, stage=stage, source=f"local:{path.resolve()}",
+                            extra={"fields": fields or {}})
+    log(f"{stage}/{name}: {manifest['rows']:,} rows, {manifest['bytes'] / 2**20:.1f} MiB")
+    return manifest
+
+
+def _package_version(package: str) -> str | None:
+    from importlib import metadata
+
+    dist = package.split(" ")[0].split(",")[0]
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return None

@@ -1,0 +1,156 @@
+"""Hugging Face hub sources: the seed's datasets, fetched with ``datasets.load_dataset``.
+
+The same code reads a local folder laid out like the hub (``--hub-mirror DIR`` holding
+``DIR/<owner>/<name>/``), which is how air-gapped machines and the offline tests use it.
+A sliced or streamed download is written in shards as it goes, so an interrupted one resumes
+where it stopped; a full download relies on the datasets cache, which resumes file downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from doge_cli.errors import DogeError
+
+SHARD_ROWS = 10_000
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """A dataset on the hub and how its columns map onto a stage's canonical schema."""
+
+    name: str
+    stage: str
+    repo: str
+    config: str | None = None
+    split: str = "train"
+    fields: dict[str, str] = field(default_factory=dict)
+    licence: str = ""
+
+
+HUB_SOURCES: dict[str, HubSource] = {
+    s.name: s
+    for s in (
+        HubSource("fineweb-edu-dedup", "pt", "HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup", licence="ODC-By 1.0"),
+        HubSource("cosmopedia-v2", "pt", "HuggingFaceTB/smollm-corpus", "cosmopedia-v2", licence="ODC-By 1.0"),
+        HubSource("python-edu", "pt", "HuggingFaceTB/smollm-corpus", "python-edu", licence="ODC-By 1.0"),
+        HubSource("finemath", "pt", "HuggingFaceTB/finemath", "finemath-4plus", licence="ODC-By 1.0"),
+        HubSource("smoltalk", "sft", "HuggingFaceTB/smoltalk", "all", licence="Apache-2.0"),
+        HubSource("ultrafeedback_binarized", "dpo", "HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs",
+                  licence="MIT"),
+        HubSource("bespoke-stratos-17k", "r1", "bespokelabs/Bespoke-Stratos-17k", None,
+                  fields={"messages": "conversations"}, licence="Apache-2.0"),
+        HubSource("numinamath-tir", "grpo", "AI-MO/NuminaMath-TIR", None,
+                  fields={"prompt": "problem", "answer": "solution"}, licence="Apache-2.0"),
+    )
+}
+
+
+def hub_offline() -> bool:
+    """True when the user (or environment) has switched the hub off."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return True
+    return False
+
+
+def offline_error(what: str) -> DogeError:
+    return DogeError(
+        f"{what} needs the Hugging Face hub, which is offline here (HF_HUB_OFFLINE or no network); "
+        "use `doge data download --recipe quickstart` for the builtin offline data, "
+        "or point --hub-mirror at a local copy"
+    )
+
+
+def _resolve(src: HubSource, hub_mirror: Path | None) -> tuple[str, bool]:
+    if hub_mirror is not None:
+        local = Path(hub_mirror) / src.repo
+        if not local.is_dir():
+            raise DogeError(f"--hub-mirror {hub_mirror} has no folder {src.repo}; copy the dataset there")
+        return str(local), True
+    if hub_offline():
+        raise offline_error(f"source {src.name!r} ({src.repo})")
+    return src.repo, False
+
+
+def _load_error(src: HubSource, err: Exception, is_local: bool) -> DogeError:
+    text = " ".join(str(err).split())[:200]
+    if is_local:
+        return DogeError(f"cannot read {src.name} from the mirror: {text}")
+    if hub_offline() or any(k in text.lower() for k in ("connection", "offline", "resolve", "timed out", "network")):
+        return offline_error(f"source {src.name!r} ({src.repo})")
+    return DogeError(f"cannot load {src.repo} from the hub: {text}")
+
+
+def load_hub_source(src: HubSource, *, max_examples: int | None, streaming: bool, revision: str | None,
+                    hub_mirror: Path | None, partial_dir: Path):
+    """Load ``src`` (all rows, or the first ``max_examples``) as a ``datasets.Dataset``.
+
+    Streaming writes parquet shards under ``partial_dir`` as rows arrive; a rerun with the same
+    settings skips the rows already there. The caller removes ``partial_dir`` once saved.
+    """
+    import datasets
+
+    path, is_local = _resolve(src, hub_mirror)
+    kwargs = {"name": src.config, "split": src.split, "revision": None if is_local else revision}
+    try:
+        if not (streaming or max_examples is not None):
+            return datasets.load_dataset(path, **kwargs)
+        stream = datasets.load_dataset(path, streaming=True, **kwargs)
+    except DogeError:
+        raise
+    except Exception as err:  # datasets/hub raise many types for "not reachable" and "not found"
+        raise _load_error(src, err, is_local) from err
+    return _stream_to_shards(stream, src, revision, max_examples, partial_dir)
+
+
+def _stream_to_shards(stream, src: HubSource, revision: str | None, max_examples: int | None, partial_dir: Path):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    key = {"repo": src.repo, "config": src.config, "split": src.split, "revision": revision}
+    state_path = partial_dir / "partial.json"
+    if partial_dir.exists():
+        state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+        if state.get("key") != key:
+            shutil.rmtree(partial_dir)  # shards from other settings: start over
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps({"key": key}))
+    shards = sorted(partial_dir.glob("shard-*.parquet"))
+    done = sum(pq.ParquetFile(s).metadata.num_rows for s in shards)
+    if done:
+        stream = stream.skip(done)
+    target = max_examples
+    buf: list[dict] = []
+
+    def flush():
+        nonlocal buf
+        if not buf:
+            return
+        final = partial_dir / f"shard-{len(shards):05d}.parquet"
+        tmp = final.with_suffix(".tmp")
+        pq.write_table(pa.Table.from_pylist(buf), tmp)
+        os.replace(tmp, final)  # a shard is either whole or absent
+        shards.append(final)
+        buf = []
+
+    try:
+        for row in stream:
+            if target is not None and done >= target:
+                break
+            buf.append(row)
+            done += 1
+            if len(buf) >= SHARD_ROWS:
+                flush()
+        flush()
+    except Exception as err:
+        flush()
+        raise _load_error(src, err, False) from err
+    if not shards:
+        raise DogeError(f"{src.name}: the source returned no rows")
+    return datasets.Dataset.from_parquet([str(s) for s in shards])

@@ -1,0 +1,145 @@
+"""``doge data merge``: mix a stage's tokenized sources by ratio, shuffle, split off a test set.
+
+Everything is Arrow column work (``select`` with index arrays, ``concatenate_datasets``,
+``shuffle``), never a Python loop over rows. Per source, the test rows are taken first from a
+seeded permutation and the train rows from the rest, so test and train never share a row; a
+source too small for its train share is repeated (whole epochs of it, then a seeded part).
+
+Output: ``<datasets_dir>/merged/<stage>/`` (a DatasetDict with ``train`` and ``test``) and a
+manifest.json with the rows taken from each source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from doge_cli.data.schema import STAGES
+from doge_cli.data.storage import atomic_dir, folder_bytes, write_json
+from doge_cli.errors import DogeError
+
+# The seed's pretraining mixture; builtin sources get weights by how much text they hold.
+DEFAULT_RATIOS: dict[str, float] = {
+    "fineweb-edu-dedup": 7.0,
+    "cosmopedia-v2": 2.0,
+    "python-edu": 0.5,
+    "finemath": 0.5,
+    "bible-kjv": 3.0,
+    "bible-web": 3.0,
+    "fortunes": 3.0,
+    "python-docs": 0.5,
+}
+
+
+def parse_ratios(items: list[str] | None) -> dict[str, float]:
+    """``["a=7", "b=2"]`` -> ``{"a": 7.0, "b": 2.0}``, with one-line errors for bad items."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not sep or not name or weight < 0:
+            raise DogeError(f"bad --ratio {item!r}; write name=weight, e.g. --ratio fineweb-edu-dedup=7")
+        out[name] = weight
+    return out
+
+
+def plan_counts(sizes: dict[str, int], weights: dict[str, float], total: int) -> dict[str, int]:
+    """Split ``total`` rows across sources in proportion to ``weights`` (largest remainder rounding)."""
+    names = [n for n in sizes if weights.get(n, 0) > 0]
+    w = np.array([weights[n] for n in names], dtype=np.float64)
+    exact = total * w / w.sum()
+    counts = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - counts))[: total - int(counts.sum())]:
+        counts[i] += 1
+    return dict(zip(names, counts.tolist()))
+
+
+def _take(rng: np.random.Generator, order: np.ndarray, n: int) -> np.ndarray:
+    """``n`` indices from ``order``: whole passes over it, then a seeded part of it."""
+    if n == 0 or len(order) == 0:
+        return np.empty(0, dtype=np.int64)
+    reps, rest = divmod(n, len(order))
+    parts = [order] * reps + [rng.permutation(order)[:rest]]
+    return np.concatenate(parts)
+
+
+def merge_stage(
+    datasets_dir: Path,
+    stage: str,
+    *,
+    train_examples: int | None,
+    test_examples: int,
+    seed: int = 233,
+    ratios: dict[str, float] | None = None,
+    out: Path | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict:
+    """Merge ``tokenized/<stage>/*`` into ``merged/<stage>``; returns the manifest.
+
+    ``train_examples=None`` takes as many rows as the mixture allows without repeating any source.
+    """
+    import datasets
+
+    if stage not in STAGES:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    if test_examples < 0 or (train_examples is not None and train_examples <= 0):
+        raise DogeError("--train-examples must be positive and --test-examples not negative")
+    base = Path(datasets_dir) / "tokenized" / stage
+    dirs = sorted(p for p in base.glob("*") if (p / "state.json").is_file())
+    if not dirs:
+        raise DogeError(f"no tokenized {stage} data under {base}; run `doge data tokenize --stage {stage}` first")
+    parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
+    ratios = dict(ratios or {})
+    unknown = [n for n in ratios if n not in parts]
+    if unknown:
+        raise DogeError(f"--ratio names {unknown[0]!r}, not a tokenized {stage} source; sources: {', '.join(parts)}")
+    weights = {n: ratios.get(n, DEFAULT_RATIOS.get(n, 1.0)) for n in parts}
+    if ratios:  # sources the user left out of an explicit mixture are not used
+        weights = {n: (ratios[n] if n in ratios else 0.0) for n in parts}
+    sizes = {n: len(ds) for n, ds in parts.items() if weights[n] > 0}
+    if not sizes or sum(weights[n] for n in sizes) <= 0:
+        raise DogeError("every ratio is 0; give at least one source a positive weight")
+    share = {n: weights[n] / sum(weights[m] for m in sizes) for n in sizes}
+    if train_examples is None:
+        # The largest mixture in which no source repeats (test rows included).
+        total = int(min(sizes[n] / share[n] for n in sizes))
+        train_examples = total - test_examples
+        if train_examples <= 0:
+            raise DogeError(f"only {total} rows at these ratios; lower --test-examples")
+    test_counts = plan_counts(sizes, share, test_examples)
+    train_counts = plan_counts(sizes, share, train_examples)
+
+    rng = np.random.default_rng(seed)
+    train_parts, test_parts, used = [], [], {}
+    for name in sizes:
+        order = rng.permutation(sizes[name])
+        n_test = test_counts[name]
+        if n_test >= sizes[name]:
+            raise DogeError(f"source {name} has {sizes[name]} rows, too few for {n_test} test rows; lower --test-examples")
+        test_idx, train_pool = order[:n_test], order[n_test:]
+        train_idx = _take(rng, train_pool, train_counts[name])
+        ds = parts[name]
+        test_parts.append(ds.select(test_idx))
+        train_parts.append(ds.select(train_idx))
+        used[name] = {"train": int(len(train_idx)), "test": int(n_test), "available": sizes[name],
+                      "weight": weights[name], "repeats": round(len(train_idx) / max(1, len(train_pool)), 3)}
+        log(f"{name}: {len(train_idx):,} train + {n_test:,} test of {sizes[name]:,} rows (weight {weights[name]:g})")
+
+    train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
+    test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
+    merged = datasets.DatasetDict({"train": train, "test": test})
+    out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage
+    manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used}
+    with atomic_dir(out) as tmp:
+        merged.save_to_disk(str(tmp))
+        manifest["bytes"] = folder_bytes(tmp)
+        write_json(tmp / "manifest.json", manifest)
+    log(f"merged {stage}: {len(train):,} train, {len(test):,} test -> {out}")
+    return manifest
+
+

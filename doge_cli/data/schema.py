@@ -1,0 +1,186 @@
+"""Canonical raw columns per stage: every source, whatever its origin, is stored in these.
+
+- ``pt``:   ``text`` (str); optional ``prompt`` (str): when present the row is rendered as a
+            user (prompt) / assistant (text) conversation, as the seed does for cosmopedia.
+- ``sft``:  ``messages`` (list of ``{"role", "content"}``).
+- ``r1``:   ``messages`` as for sft; assistant turns use the thinking tokens.
+- ``dpo``:  ``prompt`` (list of messages ending with a user turn), ``chosen`` and ``rejected`` (str).
+- ``grpo``: ``prompt`` (str, the problem) and ``answer`` (str, exact and checkable).
+- ``eval``: free form, described by each set's manifest.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from doge_cli.errors import DogeError
+
+STAGES = ("pt", "sft", "dpo", "grpo", "r1")
+
+REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "pt": ("text",),
+    "sft": ("messages",),
+    "r1": ("messages",),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "grpo": ("prompt", "answer"),
+}
+
+# The seed's R1 distillation format: reasoning inside the thought tokens, the final answer inside
+# the solution tokens, so a GRPO reward can find the answer without parsing free text.
+THINKING_TOKENS = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
+
+R1_SYSTEM_PROMPT = (
+    "Your role as an assistant involves thoroughly exploring questions through a systematic long thinking "
+    "process before providing the final precise and accurate solutions. Structure your response in two "
+    "sections: Thought and Solution. In the Thought section, reason step by step in the format "
+    "<|begin_of_thought|> {thought} <|end_of_thought|>. In the Solution section, give the final, concise "
+    "and correct solution in the format <|begin_of_solution|> {solution} <|end_of_solution|>."
+)
+
+
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
+                 "assistant": "assistant", "system": "system"}
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None."""
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    start = matches[-1].end()
+    depth = 1
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start:i].strip()
+    return None
+
+
+def to_messages(value: Any, where: str) -> list[dict]:
+    """Accept ``[{"role","content"}]`` or ShareGPT ``[{"from","value"}]``; return role/content dicts."""
+    if not isinstance(value, list):
+        raise DogeError(f"{where}: expected a list of messages, got {type(value).__name__}; check --messages-field")
+    out = []
+    for m in value:
+        if not isinstance(m, dict):
+            raise DogeError(f"{where}: a message is {type(m).__name__}, expected an object with role and content")
+        role = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        if role is None or content is None:
+            raise DogeError(f"{where}: messages need 'role' and 'content' (or 'from' and 'value'); got keys {sorted(m)}")
+        out.append({"role": _ROLE_ALIASES.get(str(role).lower(), str(role)), "content": str(content)})
+    return out
+
+
+def _reply(value: Any, where: str) -> str:
+    # A chosen/rejected column may hold the whole conversation (ultrafeedback does): keep the last reply.
+    if isinstance(value, list):
+        msgs = to_messages(value, where)
+        return msgs[-1]["content"] if msgs else ""
+    return "" if value is None else str(value)
+
+
+def _prompt_messages(value: Any, where: str) -> list[dict]:
+    if isinstance(value, list):
+        return to_messages(value, where)
+    return [{"role": "user", "content": "" if value is None else str(value)}]
+
+
+def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str = "dataset"):
+    """Map ``ds`` onto the canonical columns of ``stage``; ``fields`` maps canonical name -> column.
+
+    Missing columns raise a :class:`DogeError` that lists the columns that exist. Rows whose
+    required text ends up empty are dropped.
+    """
+    if stage not in REQUIRED_COLUMNS:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    fields = {k: v for k, v in (fields or {}).items() if v}
+    cols = set(ds.column_names)
+
+    def column(name: str, required: bool = True, fallbacks: tuple[str, ...] = ()) -> str | None:
+        if name in fields:
+            if fields[name] not in cols:
+                raise DogeError(
+                    f"{where}: no field {fields[name]!r} (given for {name}); fields: {', '.join(sorted(cols))}"
+                )
+            return fields[name]
+        for cand in (name, *fallbacks):
+            if cand in cols:
+                return cand
+        if required:
+            raise DogeError(
+                f"{where}: no {name!r} field for stage {stage}; fields: {', '.join(sorted(cols))}; "
+                f"map one with --{name}-field"
+            )
+        return None
+
+    if stage == "pt":
+        text, prompt = column("text", fallbacks=("content",)), column("prompt", required=False)
+
+        def fn(b):
+            out = {"text": ["" if t is None else str(t) for t in b[text]]}
+            if prompt:
+                out["prompt"] = ["" if p is None else str(p) for p in b[prompt]]
+            return out
+
+        keep = "text"
+    elif stage in ("sft", "r1"):
+        msgs = column("messages", required="prompt" not in fields, fallbacks=("conversations",))
+        prompt = answer = None
+        if msgs is None:
+            prompt, answer = column("prompt"), column("answer", fallbacks=("response", "completion"))
+        system = "system" if "system" in cols else None
+
+        def fn(b):
+            out = []
+            for i in range(len(b[msgs or prompt])):
+                if msgs:
+                    conv = to_messages(b[msgs][i], where)
+                else:
+                    conv = [{"role": "user", "content": str(b[prompt][i])},
+                            {"role": "assistant", "content": str(b[answer][i])}]
+                if system and b[system][i] and (not conv or conv[0]["role"] != "system"):
+                    conv = [{"role": "system", "content": str(b[system][i])}, *conv]
+                out.append(conv)
+            return {"messages": out}
+
+        keep = "messages"
+    elif stage == "dpo":
+        prompt, chosen, rejected = column("prompt"), column("chosen"), column("rejected")
+
+        def fn(b):
+            n = len(b[prompt])
+            return {
+                "prompt": [_prompt_messages(b[prompt][i], where) for i in range(n)],
+                "chosen": [_reply(b[chosen][i], where) for i in range(n)],
+                "rejected": [_reply(b[rejected][i], where) for i in range(n)],
+            }
+
+        keep = "chosen"
+    else:  # grpo
+        prompt = column("prompt", fallbacks=("problem", "question"))
+        answer = column("answer", fallbacks=("solution",))
+
+        def fn(b):
+            prompts, answers = [], []
+            for p, a in zip(b[prompt], b[answer]):
+                if isinstance(p, list):
+                    users = [m["content"] for m in to_messages(p, where) if m["role"] == "user"]
+                    p = users[-1] if users else ""
+                a = "" if a is None else str(a)
+                boxed = last_boxed(a)
+                prompts.append("" if p is None else str(p))
+                answers.append(boxed if boxed is not None else a.strip())
+            return {"prompt": prompts, "answer": answers}
+
+        keep = "answer"
+
+    out = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"normalizing {where}")
+    if keep == "messages":
+        return out.filter(lambda b: [len(m) > 0 for m in b["messages"]], batched=True)
+    return out.filter(lambda b: [bool(str(x).strip()) for x in b[keep]], batched=True)

@@ -1,0 +1,275 @@
+"""``doge data tokenize``: raw sources of one stage -> model-ready token ids, cached.
+
+Output: ``<datasets_dir>/tokenized/<stage>/<source>/`` (``save_to_disk``) with a manifest.json
+whose ``cache_key`` covers the tokenizer's fingerprint, every setting and the raw source's
+manifest; a rerun with the same key is skipped, any change rebuilds.
+
+Columns per stage:
+
+- ``pt``:   ``input_ids``, ``position_ids`` -- ``max_length`` each, packed (see packing.py).
+- ``sft``/``r1``: ``input_ids``, ``labels`` (-100 outside assistant replies), ``position_ids``;
+            one conversation per row, or several per row with ``pack=True`` (positions restart).
+            Conversations longer than ``max_length`` are truncated on the right.
+- ``dpo``:  ``prompt_input_ids`` (chat template up to the assistant header), ``chosen_input_ids``
+            and ``rejected_input_ids`` (the reply + end-of-turn token), TRL's names.
+- ``grpo``: ``prompt`` (chat messages: system, user) and ``answer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from doge_cli.data.schema import R1_SYSTEM_PROMPT, STAGES
+from doge_cli.data.storage import read_manifest, save_dataset
+from doge_cli.errors import DogeError
+
+FORMAT_VERSION = 1  # bump when the output of any stage changes
+PT_BATCH_DOCS = 4096
+
+
+def source_dirs(datasets_dir: Path, stage: str, sources: list[str] | None = None) -> list[Path]:
+    """The saved raw sources of ``stage`` (optionally only ``sources``), or a DogeError."""
+    base = Path(datasets_dir) / stage
+    found = sorted(p for p in base.glob("*") if (p / "state.json").is_file())
+    if sources:
+        names = {p.name for p in found}
+        missing = [s for s in sources if s not in names]
+        if missing:
+            raise DogeError(f"no source {missing[0]!r} under {base}; found: {', '.join(sorted(names)) or 'none'}")
+        found = [p for p in found if p.name in sources]
+    if not found:
+        raise DogeError(
+            f"no {stage} data under {base}; run `doge data download --recipe quickstart --save-dir {datasets_dir}`"
+        )
+    return found
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    if system and not (messages and messages[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+# ------------------------------------------------------------------------------- pretraining
+
+
+def _pt_texts(batch: dict, tok, identity: str | None) -> list[str]:
+    if "prompt" not in batch:
+        return batch["text"]
+    convs = [
+        _with_system([{"role": "user", "content": p}, {"role": "assistant", "content": t}], identity)
+        for p, t in zip(batch["prompt"], batch["text"])
+    ]
+    rendered = tok.apply_chat_template(convs, tokenize=False)
+    # The template already ends each conversation with the end-of-turn (= EOS) token; the packer
+    # appends EOS itself, so drop the rendered one instead of doubling it.
+    eos = tok.eos_token
+    return [r[: -len(eos)] if eos and r.endswith(eos) else r for r in rendered]
+
+
+def encode_fast(backend, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of ``texts`` with the Rust tokenizer, batched over all cores, no offsets."""
+    encs = backend.encode_batch_fast(texts, add_special_tokens=False)
+    return [np.asarray(e.ids, dtype=np.int32) for e in encs]
+
+
+def tokenize_pt(raw, tok, max_length: int, identity: str | None = None, progress: bool = True):
+    """Pack a pretraining source into ``max_length`` blocks; returns a ``datasets.Dataset``."""
+    import datasets
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from doge_cli.data.packing import BlockPacker
+
+    packer = BlockPacker(max_length, tok.eos_token_id, tok.pad_token_id)
+    ids_chunks, pos_chunks = [], []
+    backend = tok.backend_tokenizer
+    with tqdm(total=len(raw), unit="doc", desc="packing", disable=not progress) as bar:
+        for batch in raw.iter(batch_size=PT_BATCH_DOCS):
+            out = packer.add(encode_fast(backend, _pt_texts(batch, tok, identity)))
+            if out is not None:
+                ids_chunks.append(out[0])
+                pos_chunks.append(out[1])
+            bar.update(len(batch["text"]))
+    tail = packer.finish()
+    if tail is not None:
+        ids_chunks.append(tail[0])
+        pos_chunks.append(tail[1])
+    ids = np.concatenate(ids_chunks).reshape(-1)
+    pos = np.concatenate(pos_chunks).reshape(-1)
+    table = pa.table({
+        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids, pa.int32()), max_length),
+        "position_ids": pa.FixedSizeListArray.from_arrays(pa.array(pos, pa.int32()), max_length),
+    })
+    return datasets.Dataset(datasets.table.InMemoryTable(table))
+
+
+# ------------------------------------------------------------------------------- chat stages
+
+
+def _encode_chats(batch: dict, tok, max_length: int, system: str | None) -> dict:
+    convs = [_with_system(m, system) for m in batch["messages"]]
+    out = tok.apply_chat_template(convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids_out, labels_out, pos_out = [], [], []
+    for ids, mask in zip(out["input_ids"], out["assistant_masks"]):
+        ids, mask = ids[:max_length], mask[:max_length]
+        labels = [t if m else -100 for t, m in zip(ids, mask)]
+        if all(lab == -100 for lab in labels):
+            continue  # nothing to learn from (no assistant reply, or it was truncated away)
+        ids_out.append(ids)
+        labels_out.append(labels)
+        pos_out.append(list(range(len(ids))))
+    return {"input_ids": ids_out, "labels": labels_out, "position_ids": pos_out}
+
+
+def pack_rows(ds, max_length: int):
+    """Greedily put consecutive conversations in one row up to ``max_length``; positions restart."""
+    import datasets
+
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    cur: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for batch in ds.iter(batch_size=1000):
+        for ids, labels, pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
+            if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_length:
+                for k in rows:
+                    rows[k].append(cur[k])
+                cur = {"input_ids": [], "labels": [], "position_ids": []}
+            cur["input_ids"] += ids
+            cur["labels"] += labels
+            cur["position_ids"] += pos
+    if cur["input_ids"]:
+        for k in rows:
+            rows[k].append(cur[k])
+    return datasets.Dataset.from_dict(rows)
+
+
+def tokenize_chat(raw, tok, max_length: int, *, system: str | None, pack: bool, num_proc: int | None):
+    """SFT / R1: assistant-only labels from the chat template's generation spans."""
+    ds = raw.map(
+        _encode_chats, batched=True, batch_size=256, remove_columns=raw.column_names, num_proc=num_proc,
+        fn_kwargs={"tok": tok, "max_length": max_length, "system": system}, desc="tokenizing conversations",
+    )
+    return pack_rows(ds, max_length) if pack else ds
+
+
+def _encode_dpo(batch: dict, tok, max_length: int, system: str | None) -> dict:
+    prompts = tok.apply_chat_template([_with_system(p, system) for p in batch["prompt"]], tokenize=True,
+                                      add_generation_prompt=True, return_dict=True)["input_ids"]
+    eot = tok.eos_token_id
+    # The template trims reply text, so do the same to match what SFT would see.
+    chosen = tok([c.strip() for c in batch["chosen"]], add_special_tokens=False)["input_ids"]
+    rejected = tok([r.strip() for r in batch["rejected"]], add_special_tokens=False)["input_ids"]
+    out: dict[str, list] = {"prompt_input_ids": [], "chosen_input_ids": [], "rejected_input_ids": []}
+    for p, c, r in zip(prompts, chosen, rejected):
+        c, r = c + [eot], r + [eot]
+        # Long prompts keep their end (the question), replies keep their start.
+        if len(p) + max(len(c), len(r)) > max_length:
+            p = p[-(max_length // 2):]
+            c, r = c[: max_length - len(p)], r[: max_length - len(p)]
+        out["prompt_input_ids"].append(p)
+        out["chosen_input_ids"].append(c)
+        out["rejected_input_ids"].append(r)
+    return out
+
+
+def tokenize_dpo(raw, tok, max_length: int, *, system: str | None, num_proc: int | None):
+    """DPO: prompt / chosen / rejected ids in TRL's column names."""
+    return raw.map(
+        _encode_dpo, batched=True, batch_size=256, remove_columns=raw.column_names, num_proc=num_proc,
+        fn_kwargs={"tok": tok, "max_length": max_length, "system": system}, desc="tokenizing pairs",
+    )
+
+
+def prepare_grpo(raw, tok, max_length: int, *, system: str | None):
+    """GRPO: chat-message prompts plus exact answers; prompts longer than half the budget are dropped
+    so there is room to generate."""
+    def fn(batch):
+        prompts = [_with_system([{"role": "user", "content": p}], system) for p in batch["prompt"]]
+        lengths = [len(ids) for ids in tok.apply_chat_template(
+            prompts, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]]
+        keep = [n <= max_length // 2 for n in lengths]
+        return {"prompt": [p for p, k in zip(prompts, keep) if k],
+                "answer": [a for a, k in zip(batch["answer"], keep) if k]}
+
+    return raw.map(fn, batched=True, remove_columns=raw.column_names, desc="preparing prompts")
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def tokenize_stage(
+    tokenizer: str,
+    datasets_dir: Path,
+    stage: str,
+    max_length: int,
+    *,
+    sources: list[str] | None = None,
+    pack: bool = False,
+    identity: str | None = None,
+    num_proc: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _m: None,
+) -> list[dict]:
+    """Tokenize every source of ``stage``; returns one manifest per source (``cached`` says reused)."""
+    import datasets
+
+    from doge_cli.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    if stage not in STAGES:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    if max_length < 16:
+        raise DogeError("--max-length must be at least 16")
+    dirs = source_dirs(datasets_dir, stage, sources)
+    tok = load_tokenizer(tokenizer)
+    if tok.pad_token_id is None or tok.eos_token_id is None or not tok.chat_template:
+        raise DogeError(f"tokenizer {tokenizer!r} lacks a pad token, an eos token or a chat template; "
+                        "use one made by `doge data train-tokenizer`")
+    fingerprint = tokenizer_fingerprint(tok)
+    system = R1_SYSTEM_PROMPT if stage in ("r1", "grpo") else identity
+    results = []
+    for src in dirs:
+        out_dir = Path(datasets_dir) / "tokenized" / stage / src.name
+        key = {
+            "format": FORMAT_VERSION, "tokenizer": fingerprint, "stage": stage, "max_length": max_length,
+            "pack": pack, "identity": identity, "system": system, "raw": read_manifest(src),
+        }
+        old = read_manifest(out_dir)
+        if old is not None and old.get("cache_key") == key:
+            log(f"{stage}/{src.name}: cached ({old['rows']:,} rows)")
+            results.append({**old, "cached": True})
+            continue
+        raw = datasets.load_from_disk(str(src))
+        if len(raw) == 0:
+            raise DogeError(f"{src} is empty; download it again")
+        if stage == "pt":
+            ds = tokenize_pt(raw, tok, max_length, identity=identity, progress=progress)
+        elif stage in ("sft", "r1"):
+            ds = tokenize_chat(raw, tok, max_length, system=system, pack=pack, num_proc=num_proc)
+        elif stage == "dpo":
+            ds = tokenize_dpo(raw, tok, max_length, system=system, num_proc=num_proc)
+        else:
+            ds = prepare_grpo(raw, tok, max_length, system=system)
+        if len(ds) == 0:
+            raise DogeError(f"{stage}/{src.name}: nothing left after tokenizing (max-length {max_length} too small?)")
+        tokens = _count_tokens(ds)
+        manifest = save_dataset(
+            ds, out_dir, stage=stage, source=f"tokenized:{src.name}",
+            extra={"cache_key": key, "tokenizer": tokenizer, "tokens": tokens, "max_length": max_length},
+        )
+        log(f"{stage}/{src.name}: {manifest['rows']:,} rows, {tokens:,} tokens")
+        results.append({**manifest, "cached": False})
+    return results
+
+
+def _count_tokens(ds) -> int:
+    import pyarrow.compute as pc
+
+    for col in ("input_ids", "chosen_input_ids"):
+        if col in ds.column_names:
+            return int(pc.sum(pc.list_value_length(ds.data.column(col))).as_py() or 0)
+    return 0
+
+

@@ -1,0 +1,63 @@
+import json
+
+import datasets
+import pytest
+
+from doge_cli.data.download import import_local
+from doge_cli.errors import DogeError
+
+
+def _load(root, stage, name):
+    return datasets.load_from_disk(str(root / stage / name))
+
+
+def test_jsonl_with_field_mapping(tmp_path):
+    src = tmp_path / "chats.jsonl"
+    rows = [{"conv": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}] * 3
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = import_local(src, tmp_path / "ds", stage="sft", fields={"messages": "conv"})
+    assert m["rows"] == 3 and m["source"].startswith("local:")
+    assert _load(tmp_path / "ds", "sft", "chats")[0]["messages"] == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_csv_parquet_txt_and_folders(tmp_path):
+    (tmp_path / "a.csv").write_text("q,a,bad\nWhat?,This,That\n")
+    import_local(tmp_path / "a.csv", tmp_path / "ds", stage="dpo",
+                 fields={"prompt": "q", "chosen": "a", "rejected": "bad"})
+    row = _load(tmp_path / "ds", "dpo", "a")[0]
+    assert row == {"prompt": [{"role": "user", "content": "What?"}], "chosen": "This", "rejected": "That"}
+
+    datasets.Dataset.from_dict({"problem": ["1+1?"], "solution": ["so \\boxed{2}"]}).to_parquet(str(tmp_path / "g.parquet"))
+    import_local(tmp_path / "g.parquet", tmp_path / "ds", stage="grpo")
+    assert _load(tmp_path / "ds", "grpo", "g")[0] == {"prompt": "1+1?", "answer": "2"}
+
+    txt = tmp_path / "books"
+    txt.mkdir()
+    (txt / "one.txt").write_text("First paragraph.\n\nSecond paragraph.\n")
+    (txt / "two.txt").write_text("Third.\n")
+    import_local(txt, tmp_path / "ds", stage="pt")
+    assert len(_load(tmp_path / "ds", "pt", "books")) == 3
+
+
+def test_local_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n')
+    with pytest.raises(DogeError, match=r"bad.jsonl:3: malformed JSON"):
+        import_local(bad, tmp_path / "ds", stage="pt")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"body": "x", "title": "y"}\n')
+    with pytest.raises(DogeError, match=r"no 'text' field.*fields: body, title"):
+        import_local(good, tmp_path / "ds", stage="pt")
+    with pytest.raises(DogeError, match=r"no field 'txt'.*fields: body, title"):
+        import_local(good, tmp_path / "ds", stage="pt", fields={"text": "txt"})
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("line one\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(DogeError, match=r"latin.txt:2: text is not UTF-8"):
+        import_local(latin, tmp_path / "ds", stage="pt")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DogeError, match="is empty"):
+        import_local(tmp_path / "empty.jsonl", tmp_path / "ds", stage="pt")
+    with pytest.raises(DogeError, match="does not exist"):
+        import_local(tmp_path / "missing.jsonl", tmp_path / "ds", stage="pt")
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").rglob("state.json"))
