@@ -10,7 +10,6 @@ import typer
 from doge_cli import __version__
 from doge_cli.cli import config as config_cmd
 from doge_cli.cli import data as data_cmd
-from doge_cli.cli import data as data_cmd
 from doge_cli.cli import env as env_cmd
 from doge_cli.cli import train as train_cmd
 from doge_cli.errors import DogeError
@@ -27,7 +26,6 @@ app = typer.Typer(
 
 app.add_typer(train_cmd.app, name="train")
 app.add_typer(config_cmd.app, name="config")
-app.add_typer(data_cmd.app, name="data")
 app.add_typer(data_cmd.app, name="data")
 app.command("env")(env_cmd.env)
 
