@@ -1,0 +1,206 @@
+"""Dynamic mask attention backends behind one dispatch point.
+
+Every backend has the same signature (a fixed contract: the Triton kernel in
+``doge_cli.kernels.dma_attention`` implements it too)::
+
+    fn(q, k, v, bias, *, scale, doc_ids, key_padding_mask, keep_window_size) -> out
+
+- ``q`` (B, Hq, Tq, D); ``k``, ``v`` (B, Hkv, Tk, D) with ``Hq % Hkv == 0``; query head ``h`` reads
+  kv head ``h // (Hq // Hkv)`` (grouped-query attention, as transformers' ``repeat_kv``).
+- ``bias`` (B, Hkv, Tk): the dynamic-mask bias ``exp(A * softplus(dt_proj(v)))`` of each key, added to
+  the scaled scores ``q·k * scale``. It travels per key, never as a dense (B, H, Tq, Tk) mask.
+- Causal always; the queries are the LAST ``Tq`` of the ``Tk`` positions (KV-cache decoding).
+- ``doc_ids`` (B, Tk) or None: a query attends only to keys of its own document (packed rows).
+- ``key_padding_mask`` (B, Tk) bool or None: True marks a real token.
+- ``keep_window_size``: when ``Tk > keep_window_size`` each query keeps only its ``keep_window_size``
+  allowed keys with the largest bias (Doge's dynamic mask, Shi et al. 2024, "Trainable Dynamic Mask
+  Sparse Attention"). Ties are broken by ``torch.topk`` over the same (B, Hkv, Tq, Tk) tensor that
+  transformers builds, so every backend here selects exactly the keys transformers selects on the
+  same device. Ties are common: in the first layer equal tokens have equal values, so equal biases.
+- Returns (B, Hq, Tq, D) in q's dtype; a query with no allowed key returns zeros, not NaN.
+
+Backends: ``eager`` (the readable reference), ``sdpa``, ``flex``, ``triton``; ``auto`` picks one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from doge_cli.errors import DogeError
+
+BACKENDS = ("eager", "sdpa", "flex", "triton")
+
+
+# ----------------------------------------------------------------------------- masks shared by backends
+
+
+def allowed_keys(
+    q_len: int, k_len: int, doc_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None, device
+) -> torch.Tensor:
+    """Bool (B or 1, 1, Tq, Tk): causal, same document, real key. Queries are the last Tq positions."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if doc_ids is not None:
+        same_doc = doc_ids[:, k_len - q_len :, None] == doc_ids[:, None, :]
+        allowed = allowed & same_doc[:, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.bool()[:, None, None, :]
+    return allowed
+
+
+def top_keys(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int) -> torch.Tensor:
+    """Bool (B, Hkv, Tq, Tk): the ``keep_window_size`` allowed keys with the largest bias per query.
+
+    Built exactly like transformers' ``DogeAttention.prepare_dynamic_mask``: disallowed keys get the
+    dtype's minimum, then ``torch.topk`` picks the winners. When a query has fewer allowed keys than
+    ``keep_window_size`` the extra picks are disallowed keys, which ``allowed`` removes again.
+    """
+    b, h, k_len = bias.shape
+    q_len = allowed.shape[-2]
+    ranked = bias[:, :, None, :].expand(b, h, q_len, k_len)
+    ranked = ranked.masked_fill(~allowed, torch.finfo(bias.dtype).min)
+    winners = torch.topk(ranked, keep_window_size, dim=-1, largest=True, sorted=False).indices
+    keep = torch.zeros(ranked.shape, dtype=torch.bool, device=bias.device).scatter_(-1, winners, True)
+    return keep & allowed
+
+
+def _final_mask(bias, q_len, doc_ids, key_padding_mask, keep_window_size) -> torch.Tensor:
+    allowed = allowed_keys(q_len, bias.shape[-1], doc_ids, key_padding_mask, bias.device)
+    if keep_window_size is not None and bias.shape[-1] > keep_window_size:
+        allowed = top_keys(bias.detach(), allowed, keep_window_size)
+    return allowed
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+def eager_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
+    """The reference: scores, bias, mask and softmax written out in float32."""
+    b, hq, q_len, d = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    allowed = _final_mask(bias, q_len, doc_ids, key_padding_mask, keep_window_size)  # (B|1, Hkv|1, Tq, Tk)
+    # Group query heads under their kv head instead of copying k and v `groups` times.
+    qg = q.reshape(b, hkv, groups, q_len, d).float()
+    scores = torch.matmul(qg, k.float()[:, :, None].transpose(-1, -2)) * scale
+    scores = scores + bias.float()[:, :, None, None, :]
+    allowed = allowed[:, :, None]
+    # A finite fill (not -inf) keeps fully masked rows free of NaN in both forward and backward.
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+    out = torch.matmul(probs, v.float()[:, :, None])
+    return out.reshape(b, hq, q_len, d).to(q.dtype)
+
+
+def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
+    """torch's scaled_dot_product_attention with the bias as an additive float mask.
+
+    SDPA has no per-key bias input, so this backend is forced to materialise a dense
+    (B, Hq, Tq, Tk) float mask; that also keeps SDPA on its math path for the backward pass.
+    """
+    b, hq, q_len, d = q.shape
+    hkv = k.shape[1]
+    groups = hq // hkv
+    allowed = _final_mask(bias, q_len, doc_ids, key_padding_mask, keep_window_size)
+    mask = bias[:, :, None, :].masked_fill(~allowed, torch.finfo(bias.dtype).min).to(q.dtype)
+    if groups > 1:
+        # Query heads of one kv head are adjacent, so each kv head's mask is repeated `groups` times.
+        mask = mask.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups > 1)
+    has_key = allowed.any(dim=-1, keepdim=True)
+    if has_key.shape[1] > 1:
+        has_key = has_key.repeat_interleave(groups, dim=1)
+    return out * has_key.to(out.dtype)
+
+
+def triton_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
+    """The fused Triton kernel from ``doge_cli.kernels.dma_attention`` (imported on first use)."""
+    return _triton_fn()(
+        q, k, v, bias, scale=scale, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+        keep_window_size=keep_window_size,
+    )
+
+
+@functools.cache
+def _triton_fn() -> Callable:
+    try:
+        module = importlib.import_module("doge_cli.kernels.dma_attention")
+        return module.dma_attention
+    except (ImportError, AttributeError) as err:
+        raise DogeError(
+            f"the triton attention backend needs doge_cli.kernels.dma_attention and the triton package "
+            f"({err}); install triton on a CUDA machine or choose attn_implementation='sdpa'"
+        ) from err
+
+
+def triton_available() -> bool:
+    """True when the Triton kernel imports (it needs the triton package and doge_cli.kernels)."""
+    try:
+        _triton_fn()
+        return True
+    except DogeError:
+        return False
+
+
+def _flex(name: str) -> Callable:
+    from doge_cli.model import flex
+
+    return getattr(flex, name)
+
+
+def flex_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None,
+                   block_mask=None):
+    """torch flex_attention: score_mod adds the bias, a block mask carries causal + documents.
+
+    ``block_mask`` (from :func:`build_block_mask`) is built once per batch and shared by all layers;
+    when it is None one is built here. Lives in ``doge_cli.model.flex`` (imported on first use).
+    """
+    return _flex("flex_attention")(
+        q, k, v, bias, scale=scale, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+        keep_window_size=keep_window_size, block_mask=block_mask,
+    )
+
+
+def build_block_mask(batch: int, q_len: int, k_len: int, doc_ids, key_padding_mask, device):
+    """The flex block mask (causal + documents + padding) for one batch; share it across layers."""
+    return _flex("build_block_mask")(batch, q_len, k_len, doc_ids, key_padding_mask, device)
+
+
+_FUNCTIONS: dict[str, Callable] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flex": flex_attention,
+    "triton": triton_attention,
+}
+
+
+def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+    """Turn a backend name (or ``auto``) into one of :data:`BACKENDS`.
+
+    ``auto``: ``triton`` on CUDA when the kernel imports, else ``sdpa``, which was the fastest
+    training step on CPU in benchmarks/model_step.py (see benchmarks/RESULTS.md; flex has no CPU
+    backward in torch 2.13 and needs torch.compile to be fast).
+    """
+    if name == "auto":
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "sdpa"
+    if name not in _FUNCTIONS:
+        raise DogeError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def get_backend(name: str) -> Callable:
+    """The attention function of a resolved backend name (see :func:`resolve_backend`)."""
+    if name not in _FUNCTIONS:
+        raise DogeError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "triton":
+        _triton_fn()  # fail at model construction, not mid-forward, when the kernel is missing
+    return _FUNCTIONS[name]

@@ -1,0 +1,424 @@
+"""The Doge causal language model, read top to bottom.
+
+Same parameter names and the same math as transformers' native ``DogeForCausalLM`` (5.24), so
+state_dicts load into either one unchanged. The config object is transformers' ``DogeConfig``.
+Doge: Shi et al. 2024, "Wonderful Matrices" (dynamic mask attention + cross-domain MoE).
+
+Layout: config checks, RMSNorm, rotary embedding, KV cache, attention, MLP / CDMoE, block, model.
+
+Packed rows: ``position_ids`` restart at 0 at each document; document ids are
+``cumsum(position_ids == 0)`` along the row, and attention never crosses a document boundary.
+A CDMoE layer (like transformers') routes with logits that mix tokens of the whole batch (see
+:class:`CDMoE`), so only dense models keep packed documents fully independent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import DogeConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from doge_cli.errors import DogeError
+from doge_cli.model import attention as attn_backends
+
+# ----------------------------------------------------------------------------- config
+
+
+def check_config(config: DogeConfig) -> None:
+    """Refuse the DogeConfig options this implementation does not reproduce."""
+    if getattr(config, "sliding_window", None) is not None:
+        raise DogeError("sliding_window is not supported by doge's Doge model; set it to null in config.json")
+    if config.attention_dropout:
+        raise DogeError("attention_dropout > 0 is not supported by the attention backends; set it to 0.0")
+    rope_type = (config.rope_parameters or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        raise DogeError(f"rope_type {rope_type!r} rescales with sequence length and is not supported; "
+                        "use default, linear, yarn or llama3")
+    if config.num_attention_heads % config.num_key_value_heads:
+        raise DogeError("num_attention_heads must be a multiple of num_key_value_heads")
+
+
+def head_dim(config: DogeConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+# ----------------------------------------------------------------------------- norm and rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32 like transformers'."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021); non-default ``rope_type`` frequencies come from transformers' table."""
+
+    def __init__(self, config: DogeConfig):
+        super().__init__()
+        params = config.rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            dim = head_dim(config)
+            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.scaling = 1.0
+        else:
+            inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by positions: the half-split convention transformers uses."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Per-layer keys and values of the tokens seen so far, plus their document ids."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.doc_ids: torch.Tensor | None = None
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` (e.g. drop finished sequences)."""
+        self.keys = [None if k is None else k[index] for k in self.keys]
+        self.values = [None if v is None else v[index] for v in self.values]
+        if self.doc_ids is not None:
+            self.doc_ids = self.doc_ids[index]
+
+
+@dataclass
+class AttentionBatch:
+    """What every layer's attention shares for one forward pass: built once, used by all layers."""
+
+    doc_ids: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None
+    block_mask: object | None = None
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class DynamicMaskAttention(nn.Module):
+    """q/k RMS-normed per head, RoPE, plus a learned per-key bias ``exp(A * softplus(dt_proj(v)))``."""
+
+    def __init__(self, config: DogeConfig, layer_idx: int, backend: str):
+        super().__init__()
+        d, hq, hkv = head_dim(config), config.num_attention_heads, config.num_key_value_heads
+        bias = config.attention_bias
+        self.layer_idx, self.head_dim, self.backend = layer_idx, d, backend
+        self.num_heads, self.num_kv_heads = hq, hkv
+        self.keep_window_size = config.keep_window_size
+        self.q_proj = nn.Linear(config.hidden_size, hq * d, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, hkv * d, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=bias)
+        self.A = nn.Parameter(torch.zeros(hkv))
+        self.dt_proj = nn.Linear(hkv * d, hkv, bias=bias)
+        self.o_proj = nn.Linear(hq * d, config.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache | None):
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # The bias of every key is a function of its value vector (all kv heads feed dt_proj).
+        dt = self.dt_proj(v.transpose(1, 2).reshape(b, v.shape[2], -1))
+        bias = torch.exp(self.A * F.softplus(dt)).transpose(1, 2)  # (B, Hkv, Tk)
+        kwargs = {"block_mask": batch.block_mask} if self.backend == "flex" else {}
+        out = attn_backends.get_backend(self.backend)(
+            q, k, v, bias, scale=self.head_dim**-0.5, doc_ids=batch.doc_ids,
+            key_padding_mask=batch.key_padding_mask, keep_window_size=self.keep_window_size, **kwargs,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+# ----------------------------------------------------------------------------- MLP and CDMoE
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020)."""
+
+    def __init__(self, config: DogeConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CDMoE(MLP):
+    """Cross-domain MoE: a shared SwiGLU plus single-neuron experts chosen by product keys.
+
+    Routing follows product-key memory (Lample et al. 2019; PEER, He 2024): two score sets of
+    ``sqrt(num_experts)`` keys combine into ``num_experts`` candidates, top ``num_experts_per_tok`` win.
+    Expert ``e`` computes ``act(down_embed[e] · x) * w_e * up_embed[e]``.
+    """
+
+    def __init__(self, config: DogeConfig):
+        super().__init__(config)
+        self.num_keys = math.floor(math.sqrt(config.num_experts))
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router_gate = nn.Linear(config.hidden_size, self.num_keys * 2, bias=False)
+        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+
+    def forward(self, x):
+        b, t, h = x.shape
+        # transformers splits the flat (B*T*2K) logits into halves across tokens, not per token;
+        # released checkpoints were trained that way, so we keep it for identical outputs.
+        router_logits = self.router_gate(x).view(2, b * t, -1)
+        (scores_x, scores_y), (idx_x, idx_y) = router_logits.topk(self.num_keys, dim=-1)
+        all_scores = (scores_x[..., :, None] + scores_y[..., None, :]).flatten(-2)
+        all_idx = (idx_x[..., :, None] * self.num_keys + idx_y[..., None, :]).flatten(-2)
+        scores, pos = all_scores.topk(self.top_k, dim=-1)
+        experts = all_idx.gather(-1, pos)
+        weights = F.softmax(scores, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        down, up = self.down_embed(experts), self.up_embed(experts)  # (B*T, k, H)
+        expert_act = self.act_fn(torch.matmul(down, x.reshape(b * t, h, 1)).squeeze(-1)) * weights
+        routed = torch.matmul(expert_act[:, None, :], up).view(b, t, h)
+        return super().forward(x) + routed, router_logits
+
+
+def router_aux_loss(router_logits: list[torch.Tensor], config: DogeConfig, attention_mask=None):
+    """Switch-Transformer load balancing (Fedus et al. 2021, eqs. 4-6) over product-key experts.
+
+    ``num_experts * sum_e f_e * P_e``: f_e the fraction of (token, slot) picks of expert e, P_e its mean
+    routing probability (softmax over all candidate pairs), padding excluded; as transformers computes it.
+    """
+    num_keys, top_k, n_exp = math.floor(math.sqrt(config.num_experts)), config.num_experts_per_tok, config.num_experts
+    picks, probs = [], []
+    for logits in router_logits:
+        (sx, sy), (ix, iy) = logits.topk(num_keys, dim=-1)
+        all_scores = (sx[:, :, None] + sy[:, None, :]).flatten(-2)
+        all_idx = (ix[:, :, None] * num_keys + iy[:, None, :]).flatten(-2)
+        picks.append(all_idx.gather(-1, all_scores.topk(top_k, dim=-1).indices))
+        probs.append(torch.zeros_like(all_scores).scatter(-1, all_idx, F.softmax(all_scores, dim=-1)))
+    picks, probs = torch.cat(picks).reshape(-1), torch.cat(probs)
+    dtype = probs.dtype
+    if attention_mask is None:
+        counts = torch.zeros(n_exp, dtype=dtype, device=probs.device).scatter_add_(0, picks, torch.ones_like(picks, dtype=dtype))
+        tokens_per_expert, prob_per_expert = counts / picks.numel(), probs.mean(0)
+    else:
+        real = attention_mask.bool().reshape(-1).repeat(len(router_logits))  # per (layer, token)
+        picks = picks.view(-1, top_k)[real].reshape(-1)
+        counts = torch.zeros(n_exp, dtype=dtype, device=probs.device).scatter_add_(0, picks, torch.ones_like(picks, dtype=dtype))
+        tokens_per_expert = counts / (real.sum() * top_k)
+        prob_per_expert = probs[real].mean(0)
+    return (tokens_per_expert * prob_per_expert).sum() * n_exp
+
+
+# ----------------------------------------------------------------------------- block and model
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block with learned residual weights: ``h = r * h + f(norm(h))`` twice."""
+
+    def __init__(self, config: DogeConfig, layer_idx: int, backend: str):
+        super().__init__()
+        self.is_moe, self.dropout = config.is_moe, config.hidden_dropout
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DynamicMaskAttention(config, layer_idx, backend)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = CDMoE(config) if config.is_moe else MLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, h, cos, sin, batch: AttentionBatch, cache: KVCache | None):
+        a = self.self_attn(self.input_layernorm(h), cos, sin, batch, cache)
+        h = self.input_residual * h + F.dropout(a, self.dropout, self.training)
+        m = self.mlp(self.post_attention_layernorm(h))
+        m, router_logits = m if self.is_moe else (m, None)
+        h = self.post_attention_residual * h + F.dropout(m, self.dropout, self.training)
+        return h, router_logits
+
+
+class DogeModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (``model.*`` in the state_dict)."""
+
+    def __init__(self, config: DogeConfig, backend: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+@dataclass
+class CausalLMOutput:
+    """Forward result; ``aux_loss`` is already multiplied by ``router_aux_loss_coef`` and NOT in ``loss``."""
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class DogeForCausalLM(nn.Module):
+    """Doge decoder with an LM head; ``attn_implementation`` is a backend name or ``auto``."""
+
+    def __init__(self, config: DogeConfig, attn_implementation: str = "auto"):
+        super().__init__()
+        check_config(config)
+        self.config = config
+        self.attn_implementation = attn_backends.resolve_backend(attn_implementation)
+        attn_backends.get_backend(self.attn_implementation)
+        self.model = DogeModel(config, self.attn_implementation)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialise every parameter as transformers' Doge does (``_init_weights``):
+
+        - every ``nn.Linear`` weight (q/k/v/o, dt_proj, gate/up/down, router_gate, lm_head):
+          normal(0, initializer_range); their biases (when enabled): 0;
+        - ``embed_tokens``, CDMoE ``down_embed`` and ``up_embed``: normal(0, initializer_range), with the
+          ``pad_token_id`` row of ``embed_tokens`` zeroed;
+        - every RMSNorm weight (input/post-attention/final, q_norm, k_norm): 1;
+        - ``A``: 0, so every bias starts at exp(0) = 1 and attention starts unbiased;
+        - ``input_residual``, ``post_attention_residual``: 1, a plain residual at the start;
+        - ``lm_head`` is the embedding matrix itself when ``tie_word_embeddings``.
+        """
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, DynamicMaskAttention):
+                nn.init.zeros_(module.A)
+            elif isinstance(module, DecoderLayer):
+                nn.init.ones_(module.input_residual)
+                nn.init.ones_(module.post_attention_residual)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config asks for tied embeddings."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def gradient_checkpointing_enable(self, **_) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                labels=None, return_hidden_states=False) -> CausalLMOutput:
+        """Logits (or final normed hidden states), shifted next-token loss, MoE aux loss, cache.
+
+        ``attention_mask`` (B, past + T) marks real tokens with 1 (left or right padding).
+        ``position_ids`` (B, T) restart at 0 at each packed document; when None they count from the
+        cache length and each row is one document.
+        """
+        b, t = input_ids.shape
+        cache = past_key_values if past_key_values is not None else (
+            KVCache(self.config.num_hidden_layers) if use_cache else None)
+        past = cache.get_seq_length() if cache is not None else 0
+        doc_ids = None
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
+            if cache is not None and cache.doc_ids is not None:
+                doc_ids = torch.cat((cache.doc_ids, cache.doc_ids[:, -1:].expand(b, t)), dim=1)
+        else:
+            position_ids = position_ids.expand(b, t)
+            doc_ids = torch.cumsum(position_ids == 0, dim=1)
+            if cache is not None and cache.doc_ids is not None:
+                doc_ids = torch.cat((cache.doc_ids, doc_ids + cache.doc_ids[:, -1:]), dim=1)
+        if cache is not None:
+            cache.doc_ids = doc_ids
+        key_padding_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_padding_mask = attention_mask.bool()
+        batch = AttentionBatch(doc_ids, key_padding_mask)
+        if self.attn_implementation == "flex":
+            batch.block_mask = attn_backends.build_block_mask(b, t, past + t, doc_ids, key_padding_mask,
+                                                              input_ids.device)
+
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(position_ids, h.dtype)
+        router_logits = []
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                h, logits = checkpoint(layer, h, cos, sin, batch, None, use_reentrant=False)
+            else:
+                h, logits = layer(h, cos, sin, batch, cache)
+            router_logits.append(logits)
+        h = self.model.norm(h)
+
+        out = CausalLMOutput(past_key_values=cache)
+        if return_hidden_states:
+            out.hidden_states = h
+        else:
+            out.logits = self.lm_head(h)
+        if labels is not None and out.logits is not None:
+            out.loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
+        if self.config.is_moe:
+            mask = attention_mask[:, -t:] if attention_mask is not None else None
+            out.aux_loss = self.config.router_aux_loss_coef * router_aux_loss(router_logits, self.config, mask)
+        return out

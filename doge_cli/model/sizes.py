@@ -1,0 +1,70 @@
+"""Model-shape presets, parameter counts and training FLOPs per token (for MFU)."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import DogeConfig
+
+# The SmallDoge training guide's table: (layers, hidden, intermediate, heads, kv heads);
+# vocab 32768, tied embeddings, 2048 positions. Parameter counts 13M / 54M / 152M / 335M.
+SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "Doge-20M": (8, 256, 512, 2, 1),
+    "Doge-60M": (16, 512, 1024, 4, 2),
+    "Doge-160M": (24, 768, 1536, 6, 3),
+    "Doge-320M": (32, 1024, 2048, 8, 4),
+}
+
+
+def size_config(name: str, **overrides) -> DogeConfig:
+    """A DogeConfig for a named size (dense; ``router_aux_loss_coef`` 0, which TRL needs for dense Doge)."""
+    layers, hidden, inter, heads, kv = SIZES[name]
+    values = dict(vocab_size=32768, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                  keep_window_size=2048, tie_word_embeddings=True, router_aux_loss_coef=0.0)
+    values.update(overrides)
+    return DogeConfig(**values)
+
+
+def _layer_parameters(config: DogeConfig) -> tuple[int, int]:
+    """(all parameters of one decoder layer, those a token actually multiplies with)."""
+    h, i = config.hidden_size, config.intermediate_size
+    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    hq, hkv = config.num_attention_heads * d, config.num_key_value_heads * d
+    b_attn, b_mlp = int(config.attention_bias), int(config.mlp_bias)
+    attn = (h * hq + hq * b_attn) + 2 * (h * hkv + hkv * b_attn) + (hq * h + h * b_attn)
+    attn += hkv * config.num_key_value_heads + config.num_key_value_heads * b_attn  # dt_proj
+    attn += config.num_key_value_heads + 2 * d  # A, q_norm, k_norm
+    mlp = 3 * h * i + b_mlp * (2 * i + h)
+    total = attn + mlp + 4 * h  # two norms, two residual weight vectors
+    active = total
+    if config.is_moe:
+        num_keys = math.floor(math.sqrt(config.num_experts))
+        router, experts = h * 2 * num_keys, 2 * config.num_experts * h
+        total += router + experts
+        active += router + 2 * config.num_experts_per_tok * h
+    return total, active
+
+
+def count_parameters(config: DogeConfig) -> int:
+    """Number of distinct parameters of ``DogeForCausalLM(config)`` (a tied head counts once)."""
+    layer, _ = _layer_parameters(config)
+    embed = config.vocab_size * config.hidden_size
+    head = 0 if config.tie_word_embeddings else embed
+    return embed + head + config.num_hidden_layers * layer + config.hidden_size
+
+
+def training_flops_per_token(config: DogeConfig, seq_len: int) -> int:
+    """Forward + backward FLOPs of one training token: ``6 * N + 12 * L * d_attn * T``.
+
+    ``N`` counts the weights a token multiplies with: every layer weight (for CDMoE only the
+    ``num_experts_per_tok`` routed experts) plus the LM head matrix, but not the embedding lookup
+    (free) unless it is tied to the head. ``12 * L * d_attn * T`` is attention's ``QK^T`` and ``AV``
+    (2 FLOPs per multiply-add, 2 products, x3 for forward + backward) over ``T`` keys with
+    ``d_attn = heads * head_dim``, counted in full although causal masking skips half (the usual
+    convention of Kaplan et al. 2020 and the PaLM paper's MFU, Chowdhery et al. 2022, App. B).
+    """
+    _, active = _layer_parameters(config)
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n = config.num_hidden_layers * active + config.hidden_size + config.vocab_size * config.hidden_size
+    return 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * d * seq_len

@@ -1,0 +1,150 @@
+"""Parity of doge's Doge with transformers' DogeForCausalLM: logits, losses and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from doge_twin import BACKENDS, hf_twin, ours_from, rel_err, skip_unavailable, tiny_config
+
+from doge_cli.errors import DogeError
+from doge_cli.model import DogeForCausalLM
+
+SCENARIOS = {
+    # GQA 4/2 heads, untied head, 24 keys > keep_window_size 8: the top-k dynamic mask is active.
+    "gqa_topk_untied": (dict(keep_window_size=8), "none"),
+    # Multi-head 4/4, tied embeddings, left- and right-padded rows.
+    "mha_tied_padded": (dict(num_key_value_heads=4, tie_word_embeddings=True), "padded"),
+    # Padding and top-k together: padded keys must never be kept by the top-k.
+    "gqa_topk_padded": (dict(keep_window_size=8, num_attention_heads=4, num_key_value_heads=1), "padded"),
+    # CDMoE with a weighted router aux loss, top-k active.
+    "moe_topk": (dict(is_moe=True, num_experts=16, num_experts_per_tok=4, router_aux_loss_coef=0.01,
+                      keep_window_size=8), "none"),
+}
+
+
+def _batch(kind: str, vocab: int = 128, t: int = 24):
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, t), generator=gen)
+    mask = torch.ones_like(ids)
+    if kind == "padded":
+        mask[0, :5] = 0  # left padding
+        mask[1, -7:] = 0  # right padding
+        ids = ids.masked_fill(mask == 0, 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    # A pad position sees no key (its output is zeros by contract, transformers' is arbitrary), so
+    # the token after a pad is not a target: no prediction is made from padding.
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    return ids, mask, labels
+
+
+# The kernel keeps the LATEST of tied keys at the top-k cut; torch.topk (transformers) breaks ties
+# its own way. Layer-0 biases tie for repeated tokens, and the MoE router (which mixes tokens)
+# turns that one different key into different logits. Strict: an XPASS means it was fixed.
+_TIE_RULE = pytest.mark.xfail(strict=True, reason="kernel top-k tie rule differs from torch.topk")
+_CASES = [pytest.param(b, s, marks=_TIE_RULE) if (b, s) == ("triton", "moe_topk") else (b, s)
+          for b in BACKENDS for s in SCENARIOS]
+
+
+@pytest.mark.parametrize(("backend", "scenario"), _CASES)
+def test_logits_and_gradients_match_transformers(backend, scenario):
+    skip_unavailable(backend)
+    overrides, kind = SCENARIOS[scenario]
+    config = tiny_config(**overrides)
+    hf = hf_twin(config)
+    ours = ours_from(hf, backend)
+    ids, mask, labels = _batch(kind)
+    attention_mask = mask if kind == "padded" else None
+
+    ref = hf(ids, attention_mask=attention_mask, labels=labels, output_router_logits=config.is_moe)
+    out = ours(ids, attention_mask=attention_mask, labels=labels)
+    real = mask.bool()
+    assert rel_err(out.logits[real], ref.logits[real]) <= 1e-5
+
+    total = out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
+    assert rel_err(total, ref.loss) <= 1e-5
+    if config.is_moe:
+        assert rel_err(out.aux_loss, config.router_aux_loss_coef * ref.aux_loss) <= 1e-5
+    total.backward()
+    ref.loss.backward()
+    ref_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, name
+        assert rel_err(p.grad, ref_params[name].grad) <= 1e-4, name
+
+
+def test_the_bias_matters_in_this_parity_setup():
+    """Guard for the test above: with A reset to 0 the logits change, so A is really exercised."""
+    config = tiny_config(keep_window_size=8)
+    hf = hf_twin(config)
+    ours = ours_from(hf, "eager")
+    ids, _, _ = _batch("none")
+    with torch.no_grad():
+        before = ours(ids).logits
+        for layer in ours.model.layers:
+            layer.self_attn.A.zero_()
+        assert rel_err(ours(ids).logits, before) > 1e-3
+
+
+def test_hidden_states_output_feeds_the_lm_head():
+    config = tiny_config()
+    ours = ours_from(hf_twin(config), "sdpa")
+    ids, _, _ = _batch("none")
+    out = ours(ids, return_hidden_states=True)
+    assert out.logits is None
+    torch.testing.assert_close(ours.lm_head(out.hidden_states), ours(ids).logits)
+
+
+def test_initialisation_matches_transformers():
+    """Same init: A = 0, residual weights and norms = 1, linear/embedding std = initializer_range."""
+    config = tiny_config(hidden_size=256, intermediate_size=512, vocab_size=512, pad_token_id=0)
+    ours = DogeForCausalLM(config)
+    from transformers import DogeForCausalLM as HFDoge
+
+    hf = HFDoge(config)
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = hf_params[name]
+        assert p.shape == ref.shape, name
+        if name.endswith((".A", "residual", "norm.weight", "layernorm.weight")):
+            torch.testing.assert_close(p, ref, msg=name)  # constants: exactly equal
+        else:
+            assert abs(p.std().item() - ref.std().item()) < 0.003, name
+    assert torch.count_nonzero(ours.model.embed_tokens.weight[0]) == 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config(keep_window_size=8)
+    hf = hf_twin(config)
+    plain, ckpt = ours_from(hf, "sdpa").train(), ours_from(hf, "sdpa").train()
+    ckpt.gradient_checkpointing_enable()
+    ids, _, labels = _batch("none")
+    plain(ids, labels=labels).loss.backward()
+    ckpt(ids, labels=labels).loss.backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    config = tiny_config(keep_window_size=8)
+    ours = ours_from(hf_twin(config), "eager")
+    ids, _, _ = _batch("none")
+    with torch.no_grad():
+        full = ours(ids).logits
+        out = ours(ids[:, :10], use_cache=True)
+        steps = [out.logits]
+        for i in range(10, ids.shape[1]):
+            out = ours(ids[:, i : i + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+    assert rel_err(torch.cat(steps, dim=1), full) <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [dict(sliding_window=16), dict(attention_dropout=0.1),
+                                 dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0})])
+def test_unsupported_config_options_are_refused(bad):
+    with pytest.raises(DogeError):
+        DogeForCausalLM(tiny_config(**bad))
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(DogeError, match="unknown attention backend"):
+        DogeForCausalLM(tiny_config(), attn_implementation="flash")
