@@ -1,0 +1,90 @@
+"""Hugging Face interop: doge -> transformers and transformers -> doge give the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from doge_twin import hf_twin, ours_from, rel_err, tiny_config
+from transformers import AutoModelForCausalLM
+
+from doge_cli.errors import DogeError
+from doge_cli.model import load_model, save_pretrained
+
+IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_doge_save_loads_natively_in_transformers(tmp_path, tied):
+    config = tiny_config(tie_word_embeddings=tied, keep_window_size=8)
+    ours = ours_from(hf_twin(config), "sdpa")
+    out = save_pretrained(ours, tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "doge"
+    assert not list(tmp_path.glob(".model*"))  # no temporary folder left behind
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "DogeForCausalLM"
+    with torch.no_grad():
+        assert rel_err(ours(IDS).logits, hf(IDS).logits) <= 1e-5
+    if tied:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+
+
+def test_save_replaces_an_existing_folder(tmp_path):
+    ours = ours_from(hf_twin(tiny_config()), "eager")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "stale.txt").write_text("old")
+    save_pretrained(ours, tmp_path / "model")
+    assert not (tmp_path / "model" / "stale.txt").exists()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_save_loads_in_doge(tmp_path, tied):
+    hf = hf_twin(tiny_config(tie_word_embeddings=tied, is_moe=True, num_experts=16, num_experts_per_tok=4))
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_model(tmp_path / "hf", attn_implementation="eager")
+    assert ours.config.is_moe
+    with torch.no_grad():
+        assert rel_err(ours(IDS).logits, hf(IDS).logits) <= 1e-5
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tied
+
+
+def test_load_model_casts_dtype(tmp_path):
+    hf_twin(tiny_config()).save_pretrained(tmp_path / "hf")
+    assert load_model(tmp_path / "hf", dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_bad_inputs_raise_one_line_doge_errors(tmp_path):
+    with pytest.raises(DogeError, match="does not exist"):
+        load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DogeError, match="no config.json"):
+        load_model(tmp_path / "empty")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(DogeError, match="not a Doge"):
+        load_model(llama)
+    hf_twin(tiny_config()).save_pretrained(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(DogeError, match="corrupt"):
+        load_model(tmp_path / "corrupt")
+
+
+def test_hub_id_offline_says_so(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DogeError, match="offline"):
+        load_model("SmallDoge/no-such-model-for-tests")
+
+
+def test_old_small_doge_checkpoint_is_refused_clearly(tmp_path):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"model_type": "doge", "dynamic_mask_ratio": 0.0}))
+    save_file({"model.word_embed.weight": torch.zeros(4, 2),
+               "model.layers.0.pre_layernorm.weight": torch.ones(2)}, old / "model.safetensors")
+    with pytest.raises(DogeError, match="old small-doge checkpoint"):
+        load_model(old)
