@@ -59,31 +59,43 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
     from accelerate import Accelerator, PartialState
 
     device_cpu = config.runtime.device == "cpu" or (config.runtime.device == "auto" and not torch.cuda.is_available())
-    state = PartialState(cpu=device_cpu)
+    state_kwargs: dict[str, Any] = {"cpu": device_cpu}
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and device_cpu:
+        # accelerate ignores DeepSpeed when told cpu=True, and without CUDA it finds no backend:
+        # name gloo so DeepSpeed's CPU accelerator gets a real process group.
+        state_kwargs = {"cpu": False, "backend": "gloo"}
+        device_cpu = False
+    state = PartialState(**state_kwargs)
     world = state.num_processes
     accum = gradient_accumulation_steps(config, world)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.runtime.precision]
     accelerator = Accelerator(mixed_precision=mixed, cpu=device_cpu, gradient_accumulation_steps=accum,
                               step_scheduler_with_optimizer=False)
     run_dir = Path(config.output_dir)
-    resume_from = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite, main=accelerator.is_main_process)
-    accelerator.wait_for_everyone()
+    resume_from = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite,
+                                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
     return Loop(config, objective, accelerator, run_dir, accum, resume_from).run(stop_after)
 
 
-def _prepare_run_dir(run_dir: Path, config: StageConfig, *, resume: str | None, overwrite: bool, main: bool) -> Path | None:
-    """Check the output folder and pick the checkpoint to resume from (None: fresh start)."""
+def _prepare_run_dir(run_dir: Path, config: StageConfig, *, resume: str | None, overwrite: bool,
+                     main: bool, barrier=lambda: None) -> Path | None:
+    """Check the output folder and pick the checkpoint to resume from (None: fresh start).
+
+    Every process checks before any process writes (``barrier`` between), so the main process
+    creating the run marker cannot make the other processes see an "existing run".
+    """
     is_run = (run_dir / RUN_MARKER).is_file()
-    non_empty = run_dir.exists() and any(run_dir.iterdir())
+    non_empty = run_dir.exists() and run_dir.is_dir() and any(run_dir.iterdir())
     if run_dir.exists() and not run_dir.is_dir():
         raise DogeError(f"output_dir {run_dir} is a file; choose a folder path")
     if resume and overwrite:
         raise DogeError("--resume and --overwrite contradict each other; pass one of them")
+    found, wipe = None, False
     if resume:
         if resume == "auto":
-            found = ckpt.latest_checkpoint(run_dir) if is_run else None
-            if found is None and non_empty and not is_run:
+            if non_empty and not is_run:
                 raise DogeError(f"{run_dir} holds something other than a doge run; cannot resume from it")
+            found = ckpt.latest_checkpoint(run_dir) if is_run else None
         else:
             found = Path(resume)
             if not (found / ckpt.STATE_FILE).is_file():
@@ -92,19 +104,19 @@ def _prepare_run_dir(run_dir: Path, config: StageConfig, *, resume: str | None, 
             _check_resume_config(found, config)
         elif main:
             print(f"no checkpoint in {run_dir}; starting from scratch", flush=True)
-        if main:
-            _write_marker(run_dir, config)
-        return found
-    if non_empty:
+    elif non_empty:
         if not overwrite:
             what = "an earlier doge run" if is_run else "files that are not a doge run"
             raise DogeError(f"output_dir {run_dir} already holds {what}; pass --resume auto to continue it, "
                             "--overwrite to replace it, or choose another output_dir")
-        if main:
-            shutil.rmtree(run_dir)
+        wipe = True
+    barrier()
     if main:
+        if wipe:
+            shutil.rmtree(run_dir)
         _write_marker(run_dir, config)
-    return None
+    barrier()
+    return found
 
 
 def _write_marker(run_dir: Path, config: StageConfig) -> None:
@@ -220,6 +232,12 @@ class Loop:
             start_step, history = self._restore(model, optimizer)
         logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
                                total_steps=total, resume_step=start_step)
+        logger.message(
+            f"{cfg.stage}: {total} optimizer steps x {cfg.train.global_batch_size} sequences "
+            f"(micro batch {self.micro} x accumulation {self.accum} x {self.world} process"
+            f"{'es' if self.world > 1 else ''}), {acc.distributed_type.value.lower()} on {acc.device}, "
+            f"{cfg.runtime.precision}, attention {getattr(acc.unwrap_model(model), 'attn_implementation', '?')}"
+        )
         if self.resume_from is not None:
             logger.message(f"resumed from {self.resume_from} at step {start_step}")
         flops_per_target = self.obj.flops_per_target()
@@ -337,7 +355,7 @@ class Loop:
         model.eval()
         total = torch.zeros((), device=self.acc.device)
         targets = 0
-        n = min(len(data), self.config.logging.eval_batches * self.micro * self.world)
+        n = min(len(data), self.config.logging.eval_batches * self.micro)  # same rows whatever the world size
         for start in range(self.rank * self.micro, n, self.micro * self.world):
             rows = data[start:min(start + self.micro, n)]
             rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]

@@ -43,18 +43,28 @@ def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor | None
 
 
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
-    """Sum of next-token cross-entropies through the fused linear cross-entropy (no full logits)."""
+    """Sum of next-token cross-entropies, through the fused linear cross-entropy (no full logits).
+
+    Under DeepSpeed ZeRO-3 the head's weight is only gathered inside the model's forward, so
+    there the model computes the logits itself and the loss is a plain cross-entropy.
+    """
     from doge_cli.kernels.linear_cross_entropy import linear_cross_entropy
 
+    head = _unwrap(model).lm_head.weight
+    fused = not hasattr(head, "ds_id")  # a ZeRO-3 partitioned parameter
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
-        return_hidden_states=True,
+        return_hidden_states=fused,
     )
-    hidden = out.hidden_states
-    head = _unwrap(model).lm_head.weight
-    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), reduction="sum")
+    if fused:
+        hidden = out.hidden_states
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), reduction="sum")
+    else:
+        logits = out.logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
     metrics = {}
     if out.aux_loss is not None:
         n = (labels != -100).sum()
@@ -96,7 +106,12 @@ class PretrainObjective(Objective):
             batch["position_ids"] = torch.tensor([r["position_ids"] for r in rows], dtype=torch.long)
         if "attention_mask" in rows[0]:
             batch["attention_mask"] = torch.tensor([r["attention_mask"] for r in rows], dtype=torch.long)
-        batch["labels"] = next_token_labels(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+        labels = next_token_labels(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        if pad is not None:
+            # The last block of a source is filled with the pad token (never EOS, never in text).
+            labels[labels == pad] = -100
+        batch["labels"] = labels
         return batch
 
     def count_targets(self, batch: dict[str, torch.Tensor]) -> int:
