@@ -30,6 +30,15 @@ LOG2E = 1.4426950408889634
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
+# Set by benchmarks/kernels_gpu.py's correctness check: outputs start as NaN instead of
+# uninitialised memory, so an element the kernels never write shows up as NaN.
+FILL_NAN = False
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if FILL_NAN else out
+
 
 @triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -289,8 +298,8 @@ def forward(q, k, v, bias, threshold, doc_ids, key_padding_mask, scale):
     """Run the forward kernel; returns (out, lse) with lse in base-2 units, shape (B, Hq, Tq)."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    out = _empty_like(q)
+    lse = _empty_like(torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device))
     thr, doc, pad, doc_s, pad_s, flags = _aux(q, bias, threshold, doc_ids, key_padding_mask)
     cfg = _launch_config(D, backward=False)
     grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
@@ -307,10 +316,10 @@ def backward(do, q, k, v, bias, out, lse, threshold, doc_ids, key_padding_mask, 
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     delta = (out.float() * do.float()).sum(-1).contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dbias = torch.empty((B, Hkv, Tk), dtype=torch.float32, device=q.device)
+    dq = _empty_like(q)
+    dk = _empty_like(k)
+    dv = _empty_like(v)
+    dbias = _empty_like(torch.empty((B, Hkv, Tk), dtype=torch.float32, device=q.device))
     thr, doc, pad, doc_s, pad_s, flags = _aux(q, bias, threshold, doc_ids, key_padding_mask)
     cfg = _launch_config(D, backward=True)
     common = (*q.stride(), *k.stride(), *v.stride(), *bias.stride(), *doc_s, *pad_s, *do.stride())
