@@ -198,8 +198,9 @@ class Loop:
 
     def _batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
         data = self.obj.train_data
-        rows = data[self._indices(step, micro_index, len(data))]
-        rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+        indices = self._indices(step, micro_index, len(data))
+        rows = data[indices]
+        rows = [{**dict(zip(rows, vals)), "_row": i} for vals, i in zip(zip(*rows.values()), indices)]
         return self.obj.collate(rows)
 
     # -- the run ------------------------------------------------------------------------------
@@ -245,8 +246,7 @@ class Loop:
 
         last_loss = history.get("last_loss")
         eval_loss = history.get("eval_loss")
-        window = {"loss": torch.zeros((), device=acc.device), "targets": 0, "tokens": 0, "steps": 0,
-                  "metrics": {}, "t0": time.perf_counter()}
+        window = self._new_window()
         grad_norm = torch.zeros((), device=acc.device)
         finite = torch.ones((), dtype=torch.bool, device=acc.device)
         step = start_step
@@ -277,6 +277,9 @@ class Loop:
                     finite &= torch.isfinite(out.loss_sum.detach())
                     for key, value in out.metrics.items():
                         window["metrics"][key] = window["metrics"].get(key, 0.0) + value.detach().float()
+                    for key, value in out.stats.items():
+                        window["stats"][key] = window["stats"].get(key, 0.0) + value.detach().float()
+                    window["micro_batches"] += 1
                     window["tokens"] += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
                 window["targets"] += local
                 window["steps"] += 1
@@ -288,8 +291,7 @@ class Loop:
                     if not math.isfinite(record["loss"]) or self._any_nonfinite(finite):
                         raise DogeError(self._divergence_message(step))
                     last_loss = record["loss"]
-                    window = {"loss": torch.zeros((), device=acc.device), "targets": 0, "tokens": 0, "steps": 0,
-                              "metrics": {}, "t0": time.perf_counter()}
+                    window = self._new_window()
                     if (cfg.logging.eval_every and step % cfg.logging.eval_every == 0) or step == total:
                         eval_loss = self.evaluate(model)
                         if eval_loss is not None:
@@ -318,6 +320,10 @@ class Loop:
             plugin.deepspeed_config["gradient_accumulation_steps"] = self.accum
             plugin.deepspeed_config.setdefault("gradient_clipping", self.config.optim.max_grad_norm or 1e9)
 
+    def _new_window(self) -> dict[str, Any]:
+        return {"loss": torch.zeros((), device=self.acc.device), "targets": 0, "tokens": 0, "steps": 0,
+                "metrics": {}, "stats": {}, "micro_batches": 0, "t0": time.perf_counter()}
+
     def _log_record(self, step, mult, window, grad_norm, flops_per_target, peak) -> dict[str, Any]:
         acc = self.acc
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
@@ -336,6 +342,8 @@ class Loop:
             record["mfu"] = flops_per_target * tokens / elapsed / (peak * self.world)
         for key, value in window["metrics"].items():
             record[key] = float(acc.reduce(value.clone(), reduction="sum") / targets.clamp(min=1))
+        for key, value in window["stats"].items():
+            record[key] = float(acc.reduce(value.clone(), reduction="sum")) / max(window["micro_batches"] * self.world, 1)
         return record
 
     def _any_nonfinite(self, finite: torch.Tensor) -> bool:
@@ -358,7 +366,7 @@ class Loop:
         n = min(len(data), self.config.logging.eval_batches * self.micro)  # same rows whatever the world size
         for start in range(self.rank * self.micro, n, self.micro * self.world):
             rows = data[start:min(start + self.micro, n)]
-            rows = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
+            rows = [{**dict(zip(rows, vals)), "_row": start + j} for j, vals in enumerate(zip(*rows.values()))]
             batch = {k: (v.to(self.acc.device) if isinstance(v, torch.Tensor) else v)
                      for k, v in self.obj.collate(rows).items()}
             with self.acc.autocast():

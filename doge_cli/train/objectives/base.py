@@ -1,7 +1,10 @@
 """What a training stage supplies to the core: data, model, and a loss.
 
-The core calls, in order: ``setup`` (datasets, tokenizer), ``build_model``, then per optimizer
-step ``prepare_step`` (GRPO generates its rollouts here) and, per micro-batch, ``loss``.
+The core calls, in order: ``setup`` (datasets, tokenizer), ``build_model``, ``after_prepare``
+(the model is wrapped by accelerate but still holds its *start* weights: a resumed run restores
+its checkpoint only afterwards, so reference models built here are always the start model), then
+per optimizer step ``prepare_step`` (GRPO generates its rollouts here) and, per micro-batch,
+``loss``. Each row handed to ``collate`` carries its dataset index under ``"_row"``.
 Losses are returned as **sums** over target units with the unit count beside them, so the core
 can normalise by the number of targets across all micro-batches and processes: accumulating
 1 × 8 then gives exactly the gradient of 8 × 1.
@@ -24,7 +27,9 @@ class LossOutput:
     loss_sum: torch.Tensor
     """Sum of the per-target losses of this micro-batch (differentiable)."""
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Extra per-micro-batch sums to log (detached); divided by the step's targets when logged."""
+    """Extra per-micro-batch sums to log (detached); divided by the logging window's targets."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-micro-batch values to log as their mean over the window's micro-batches (e.g. rewards)."""
 
 
 class Objective:
