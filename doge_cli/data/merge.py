@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from doge_cli.data.schema import STAGES
-from doge_cli.data.storage import atomic_dir, folder_bytes, write_json
+from doge_cli.data.storage import atomic_dir, folder_bytes, read_manifest, write_json
 from doge_cli.errors import DogeError
 
 # The seed's pretraining mixture; builtin sources get weights by how much text they hold.
@@ -94,6 +94,12 @@ def merge_stage(
     if not dirs:
         raise DogeError(f"no tokenized {stage} data under {base}; run `doge data tokenize --stage {stage}` first")
     parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
+    # Sources tokenized by different tokenizers (or settings) cannot share a model.
+    made_with = {p.name: (read_manifest(p) or {}) for p in dirs}
+    tokenizers = {m.get("tokenizer") for m in made_with.values()}
+    if len(tokenizers) > 1:
+        raise DogeError(f"the tokenized {stage} sources were made with different tokenizers ({', '.join(sorted(map(str, tokenizers)))}); "
+                        f"re-run `doge data tokenize --stage {stage}` with one tokenizer")
     ratios = dict(ratios or {})
     unknown = [n for n in ratios if n not in parts]
     if unknown:
@@ -134,7 +140,9 @@ def merge_stage(
     test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
     merged = datasets.DatasetDict({"train": train, "test": test})
     out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage
-    manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used}
+    manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used,
+                "tokenizer": next(iter(tokenizers)),
+                "max_length": next(iter(made_with.values())).get("max_length")}
     with atomic_dir(out) as tmp:
         merged.save_to_disk(str(tmp))
         manifest["bytes"] = folder_bytes(tmp)

@@ -257,11 +257,16 @@ def tokenize_stage(
         tokens = _count_tokens(ds)
         manifest = save_dataset(
             ds, out_dir, stage=stage, source=f"tokenized:{src.name}",
-            extra={"cache_key": key, "tokenizer": tokenizer, "tokens": tokens, "max_length": max_length},
+            extra={"cache_key": key, "tokenizer": _portable(tokenizer), "tokens": tokens, "max_length": max_length},
         )
         log(f"{stage}/{src.name}: {manifest['rows']:,} rows, {tokens:,} tokens")
         results.append({**manifest, "cached": False})
     return results
+
+
+def _portable(tokenizer: str) -> str:
+    """A local tokenizer folder as an absolute path, so training finds it from any working directory."""
+    return str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
 
 
 def _count_tokens(ds) -> int:
