@@ -161,7 +161,10 @@ def load_model(path_or_id: str | os.PathLike, attn_implementation: str = "auto",
     if missing or unexpected:
         raise DogeError(f"weights in {folder} do not match its config: missing {sorted(missing)[:3]}, "
                         f"unexpected {sorted(unexpected)[:3]}")
-    model.load_state_dict(state, strict=False, assign=True)
+    try:
+        model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # shape mismatches between config.json and the weights
+        raise DogeError(f"weights in {folder} do not fit its config.json: {str(err).splitlines()[-1].strip()}") from err
     # Non-persistent buffers (RoPE frequencies) were built on meta; rebuild them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     model.tie_weights()

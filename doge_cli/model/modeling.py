@@ -308,6 +308,8 @@ class DogeForCausalLM(nn.Module):
         super().__init__()
         check_config(config)
         self.config = config
+        # "auto" is resolved again on the first forward, when the device of the inputs is known.
+        self.attn_requested = attn_implementation
         self.attn_implementation = attn_backends.resolve_backend(attn_implementation)
         attn_backends.get_backend(self.attn_implementation)
         self.model = DogeModel(config, self.attn_implementation)
@@ -360,6 +362,14 @@ class DogeForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch every layer to another attention backend (a name or ``auto``)."""
+        self.attn_requested = name
+        self.attn_implementation = attn_backends.resolve_backend(name, self.device)
+        attn_backends.get_backend(self.attn_implementation)
+        for layer in self.model.layers:
+            layer.self_attn.backend = self.attn_implementation
+
     def gradient_checkpointing_enable(self, **_) -> None:
         """Recompute each block in the backward pass instead of keeping its activations."""
         self.gradient_checkpointing = True
@@ -376,6 +386,10 @@ class DogeForCausalLM(nn.Module):
         cache length and each row is one document.
         """
         b, t = input_ids.shape
+        if self.attn_requested == "auto" and input_ids.device.type != "cpu":
+            best = attn_backends.resolve_backend("auto", input_ids.device)
+            if best != self.attn_implementation:
+                self.set_attn_implementation("auto")
         cache = past_key_values if past_key_values is not None else (
             KVCache(self.config.num_hidden_layers) if use_cache else None)
         past = cache.get_seq_length() if cache is not None else 0

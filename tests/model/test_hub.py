@@ -88,3 +88,12 @@ def test_old_small_doge_checkpoint_is_refused_clearly(tmp_path):
                "model.layers.0.pre_layernorm.weight": torch.ones(2)}, old / "model.safetensors")
     with pytest.raises(DogeError, match="old small-doge checkpoint"):
         load_model(old)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    hf_twin(tiny_config()).save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DogeError, match="do not fit"):
+        load_model(tmp_path / "hf")

@@ -148,3 +148,27 @@ def test_unsupported_config_options_are_refused(bad):
 def test_unknown_backend_is_refused():
     with pytest.raises(DogeError, match="unknown attention backend"):
         DogeForCausalLM(tiny_config(), attn_implementation="flash")
+
+
+def test_switching_backends_keeps_the_logits():
+    config = tiny_config(keep_window_size=8)
+    ours = ours_from(hf_twin(config), "eager")
+    ids, _, _ = _batch("none")
+    with torch.no_grad():
+        ref = ours(ids).logits
+        ours.set_attn_implementation("sdpa")
+        assert ours.model.layers[1].self_attn.backend == "sdpa"
+        assert rel_err(ours(ids).logits, ref) <= 1e-5
+
+
+def test_flex_block_mask_is_built_once_per_forward(monkeypatch):
+    import doge_cli.model.flex as flex
+
+    calls = []
+    original = flex.build_block_mask
+    monkeypatch.setattr(flex, "build_block_mask", lambda *a: calls.append(a) or original(*a))
+    ours = ours_from(hf_twin(tiny_config(num_hidden_layers=3)), "flex")
+    ids, _, _ = _batch("none")
+    with torch.no_grad():
+        ours(ids)
+    assert len(calls) == 1
