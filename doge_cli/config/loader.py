@@ -261,7 +261,9 @@ def summary_lines(config: StageConfig, world_size: int = 1) -> list[str]:
         f"x {world_size} process{'es' if world_size > 1 else ''})",
     ]
     if config.train.max_steps:
-        lines.append(f"{config.train.max_steps:,} optimizer steps = {config.train.max_steps * tokens / 1e9:.2f}B tokens")
+        total = config.train.max_steps * tokens
+        amount = f"{total / 1e9:.2f}B" if total >= 1e9 else f"{total / 1e6:.2f}M"
+        lines.append(f"{config.train.max_steps:,} optimizer steps = {amount} tokens")
     return lines
 
 

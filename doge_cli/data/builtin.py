@@ -131,6 +131,13 @@ def _text_rows(docs: list[tuple[str, str]], held: bool, max_examples: int | None
     return rows[:max_examples] if max_examples is not None else rows
 
 
+def pretraining_texts():
+    """Every training (not held-out) document of the builtin pretraining corpus, source by source."""
+    for loader in (_kjv_chapters, _web_chapters, _fortunes, _python_docs):
+        for row in _text_rows(loader(), False, None):
+            yield row["text"]
+
+
 def _pt(loader):
     return lambda seed, n: _text_rows(loader(), False, n)
 

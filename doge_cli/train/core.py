@@ -165,6 +165,11 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def data_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The order in which epoch ``epoch`` visits the ``n`` training rows (a pure function)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 class Loop:
     def __init__(self, config: StageConfig, objective: Objective, accelerator, run_dir: Path, accum: int,
                  resume_from: Path | None):
@@ -192,8 +197,7 @@ class Loop:
     def _perm(self, epoch: int, n: int) -> torch.Tensor:
         cache = getattr(self, "_perm_cache", None)
         if cache is None or cache[0] != epoch:
-            gen = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
-            self._perm_cache = (epoch, torch.randperm(n, generator=gen))
+            self._perm_cache = (epoch, data_order(self.config.train.seed, epoch, n))
         return self._perm_cache[1]
 
     def _batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
