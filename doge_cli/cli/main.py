@@ -8,6 +8,7 @@ import sys
 import typer
 
 from doge_cli import __version__
+from doge_cli.cli import chat as chat_cmd
 from doge_cli.cli import config as config_cmd
 from doge_cli.cli import data as data_cmd
 from doge_cli.cli import env as env_cmd
@@ -28,6 +29,7 @@ app.add_typer(train_cmd.app, name="train")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(data_cmd.app, name="data")
 app.command("env")(env_cmd.env)
+app.command("chat")(chat_cmd.chat)
 
 
 def _version_callback(value: bool) -> None:

@@ -1,0 +1,62 @@
+"""Load a Doge model folder (or hub id) together with its tokenizer, with one-line errors.
+
+Shared by ``doge chat`` (which needs a chat template) and ``doge eval`` (which does not).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from doge_cli.errors import DogeError
+
+
+def pick_device(device: str | None = None) -> str:
+    """``device`` as given, or the first accelerator torch sees, else ``cpu``."""
+    import torch
+
+    if device and device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
+def load_model_and_tokenizer(model: str, *, tokenizer: str | None = None, device: str | None = None,
+                             need_chat_template: bool = False, dtype=None):
+    """``(model, tokenizer)`` for a Doge folder or hub id.
+
+    The tokenizer comes from ``tokenizer`` when given, else from the model folder (doge's
+    ``RUN/final`` holds it). Raises DogeError for a missing or non-Doge model, a folder without a
+    tokenizer, and (with ``need_chat_template``) a tokenizer without a chat template.
+    """
+    from doge_cli.data.tokenizer import load_tokenizer
+    from doge_cli.model import load_model
+
+    # The model first: its errors (missing folder, not a Doge, offline hub id) are the likelier ones.
+    lm = load_model(model, device=pick_device(device), dtype=dtype)
+    source = tokenizer or model
+    local = Path(source).expanduser()
+    if tokenizer is None and local.is_dir() and not _has_tokenizer_files(local):
+        raise DogeError(f"{local} holds a model but no tokenizer; copy the tokenizer it was trained with into the "
+                        "folder (doge's RUN/final has one) or pass --tokenizer DIR")
+    tok = load_tokenizer(str(local) if local.exists() else source)
+    if need_chat_template and not tok.chat_template:
+        raise DogeError(f"the tokenizer of {source} has no chat template, so turns cannot be rendered; use a "
+                        "tokenizer from `doge data train-tokenizer` (it has one) via --tokenizer DIR")
+    if len(tok) > lm.config.vocab_size:
+        raise DogeError(f"the tokenizer of {source} has {len(tok)} tokens but the model only {lm.config.vocab_size}; "
+                        "pass the tokenizer the model was trained with (--tokenizer DIR)")
+    return lm, tok
+
+
+def stop_token_ids(model, tok) -> list[int]:
+    """Every id that ends a reply: the config's eos ids plus the tokenizer's end-of-turn token."""
+    eos = model.config.eos_token_id
+    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    return ids

@@ -1,0 +1,221 @@
+"""A multi-turn chat with a Doge model: history, sampling settings, streaming replies.
+
+Each turn renders the whole conversation through the tokenizer's chat template and generates with
+the KV-cache loop of :func:`doge_cli.model.generate`. Replies of R1 models keep their
+``<|begin_of_thought|>…<|end_of_thought|><|begin_of_solution|>…<|end_of_solution|>`` markers in the
+history (the format the model was trained on); :class:`ReasoningStream` splits them for display.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from doge_cli.errors import DogeError
+
+BEGIN_THOUGHT, END_THOUGHT = "<|begin_of_thought|>", "<|end_of_thought|>"
+BEGIN_SOLUTION, END_SOLUTION = "<|begin_of_solution|>", "<|end_of_solution|>"
+_MARKERS = (BEGIN_THOUGHT, END_THOUGHT, BEGIN_SOLUTION, END_SOLUTION)
+
+
+@dataclass
+class SamplingParams:
+    """Generation settings; the defaults are the seed's (SmallDoge's chat examples)."""
+
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise DogeError("max_new_tokens must be at least 1")
+        if self.temperature <= 0:
+            raise DogeError("temperature must be > 0 (use greedy=true for deterministic replies)")
+        if not 0 < self.top_p <= 1:
+            raise DogeError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise DogeError("top_k must be >= 0 (0 turns it off)")
+        if self.repetition_penalty <= 0:
+            raise DogeError("repetition_penalty must be > 0 (1.0 turns it off)")
+
+    def set(self, key: str, value: str) -> None:
+        """Set one field from text, e.g. ``set("temperature", "0.5")``; DogeError on a bad key or value."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        if key not in fields:
+            raise DogeError(f"unknown parameter {key!r}; choose from: {', '.join(fields)}")
+        old = getattr(self, key)
+        try:
+            if key == "greedy":
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                parsed: object = value.lower() in ("true", "1", "yes", "on")
+            elif key == "seed":
+                parsed = None if value.lower() in ("none", "") else int(value)
+            elif key in ("max_new_tokens", "top_k"):
+                parsed = int(value)
+            else:
+                parsed = float(value)
+        except ValueError as err:
+            raise DogeError(f"bad value {value!r} for {key}") from err
+        setattr(self, key, parsed)
+        try:
+            self.validate()
+        except DogeError:
+            setattr(self, key, old)
+            raise
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """``(thinking, answer)`` of a finished reply. Without thought markers the whole text is the answer;
+    with a solution section the answer is its content; an unfinished thought has an empty answer."""
+    thinking, answer = "", text
+    if BEGIN_THOUGHT in text:
+        before, rest = text.split(BEGIN_THOUGHT, 1)
+        if END_THOUGHT in rest:
+            thinking, answer = rest.split(END_THOUGHT, 1)
+        else:
+            thinking, answer = rest, ""
+        answer = before + answer
+    if BEGIN_SOLUTION in answer:
+        answer = answer.split(BEGIN_SOLUTION, 1)[1]
+    answer = answer.split(END_SOLUTION, 1)[0]
+    return thinking.strip(), answer.strip()
+
+
+class ReasoningStream:
+    """Turns streamed text into ``(kind, text)`` pieces, kind ``"thinking"`` or ``"answer"``, markers removed.
+
+    Text that could be the start of a marker is held back until the next piece decides it.
+    """
+
+    def __init__(self) -> None:
+        self.kind = "answer"
+        self._pending = ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self._pending += text
+        out: list[tuple[str, str]] = []
+        while True:
+            hits = [(self._pending.find(m), m) for m in _MARKERS if m in self._pending]
+            if not hits:
+                break
+            pos, marker = min(hits)
+            if pos:
+                out.append((self.kind, self._pending[:pos]))
+            self._pending = self._pending[pos + len(marker):]
+            self.kind = "thinking" if marker == BEGIN_THOUGHT else "answer"
+        keep = max((n for m in _MARKERS for n in range(1, len(m)) if self._pending.endswith(m[:n])), default=0)
+        emit, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        if emit:
+            out.append((self.kind, emit))
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        rest, self._pending = self._pending, ""
+        return [(self.kind, rest)] if rest else []
+
+
+class ChatSession:
+    """The conversation with one model. ``reply`` appends a user turn and the model's answer."""
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, params: SamplingParams | None = None,
+                 model_name: str = ""):
+        from doge_cli.chat.loading import stop_token_ids
+
+        self.model, self.tokenizer = model, tokenizer
+        self.model_name = model_name
+        self.system = system or None
+        self.params = params or SamplingParams()
+        self.params.validate()
+        self.messages: list[dict] = []
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.dropped_turns = 0  # of the last reply: old turns left out to fit the context window
+
+    def reset(self) -> None:
+        """Forget the conversation; the system prompt stays."""
+        self.messages = []
+
+    def set_system(self, text: str | None) -> None:
+        self.system = text.strip() if text and text.strip() else None
+
+    def _conversation(self, turns: list[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + turns
+
+    def prompt_ids(self, turns: list[dict]) -> list[int]:
+        """Token ids of the conversation up to the assistant header. Oldest turn pairs are dropped while
+        prompt + ``max_new_tokens`` exceeds the model's context (``dropped_turns`` counts them)."""
+        limit = self.model.config.max_position_embeddings
+        self.dropped_turns = 0
+        while True:
+            text = self.tokenizer.apply_chat_template(self._conversation(turns), tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) + self.params.max_new_tokens <= limit or len(turns) <= 1:
+                return ids
+            turns = turns[2:]
+            self.dropped_turns += 2
+
+    def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
+        """Generate the reply to ``user_text``; ``on_text`` receives the decoded text as it grows.
+        Returns the raw reply (thought markers kept). The turn is recorded only when generation finishes."""
+        import torch
+
+        from doge_cli.model import generate
+
+        turns = [*self.messages, {"role": "user", "content": user_text}]
+        ids = torch.tensor([self.prompt_ids(turns)], dtype=torch.long)
+        new: list[int] = []
+        shown = 0
+        stops = set(self.stop_ids)
+
+        def on_token(step: int, tokens) -> None:
+            nonlocal shown
+            token = int(tokens[0])
+            if token in stops:
+                return
+            new.append(token)
+            text = self.tokenizer.decode(new, skip_special_tokens=False)
+            # A multi-byte character split over tokens decodes to U+FFFD until its last byte arrives.
+            if on_text is not None and not text.endswith("\ufffd") and len(text) > shown:
+                on_text(text[shown:])
+                shown = len(text)
+
+        p = self.params
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(p.seed)
+        generate(self.model, ids, max_new_tokens=p.max_new_tokens, do_sample=not p.greedy,
+                 temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
+                 stop_token_ids=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, on_token=on_token,
+                 generator=generator)
+        text = self.tokenizer.decode(new, skip_special_tokens=False)
+        if on_text is not None and len(text) > shown:
+            on_text(text[shown:])
+        self.messages = [*turns, {"role": "assistant", "content": text}]
+        return text
+
+    def to_dict(self) -> dict:
+        return {"model": self.model_name, "system": self.system, "params": self.params.as_dict(),
+                "messages": self._conversation(self.messages)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the conversation as JSON (system turn first), atomically."""
+        from doge_cli.data.storage import write_json
+
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise DogeError(f"{path} is a folder; give a file name such as chat.json")
+        if not path.parent.is_dir():
+            raise DogeError(f"folder {path.parent} does not exist; create it or choose another file")
+        write_json(path, self.to_dict())
+        return path
