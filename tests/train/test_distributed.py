@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from .conftest import tiny_overrides
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
