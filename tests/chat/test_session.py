@@ -2,7 +2,7 @@ import json
 import shutil
 
 import pytest
-from conftest import ANSWER, THOUGHT
+from .conftest import ANSWER, THOUGHT
 
 from doge_cli.chat.loading import load_model_and_tokenizer
 from doge_cli.chat.session import ChatSession, ReasoningStream, SamplingParams, split_reasoning

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import ANSWER, THOUGHT
+from .conftest import ANSWER, THOUGHT
 from rich.console import Console
 
 from doge_cli.chat.loading import load_model_and_tokenizer

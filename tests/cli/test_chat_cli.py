@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chat"))
-from toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token  # noqa: E402
+from tests.chat.toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token  # noqa: E402
 
 from doge_cli.cli.main import run  # noqa: E402
 from doge_cli.data.schema import THINKING_TOKENS  # noqa: E402
