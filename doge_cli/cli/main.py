@@ -12,6 +12,7 @@ from doge_cli.cli import chat as chat_cmd
 from doge_cli.cli import config as config_cmd
 from doge_cli.cli import data as data_cmd
 from doge_cli.cli import env as env_cmd
+from doge_cli.cli import eval as eval_cmd
 from doge_cli.cli import train as train_cmd
 from doge_cli.errors import DogeError
 
@@ -30,6 +31,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(data_cmd.app, name="data")
 app.command("env")(env_cmd.env)
 app.command("chat")(chat_cmd.chat)
+app.command("eval")(eval_cmd.eval_models)
 
 
 def _version_callback(value: bool) -> None:

@@ -1,0 +1,210 @@
+"""``doge eval``: lighteval's Pipeline in-process on a Doge model, results as JSON and a rich table.
+
+Results file (``<output-dir>/<model-slug>.json``, written atomically)::
+
+    {"model": ..., "created": ..., "num_fewshot": k, "max_samples": n | null, "use_chat_template": bool,
+     "versions": {"doge": ..., "lighteval": ...},
+     "tasks": {"heldout-ppl": {"word_perplexity": ..., "byte_perplexity": ..., "bits_per_byte": ...},
+               "chatterbot-mc": {"acc": ..., "acc_stderr": ..., "acc_norm": ..., ...},
+               "arithmetic": {"em": ..., "em_stderr": ...}, ...},
+     "baselines": {"heldout-ppl": {"unigram": {...same perplexity keys..., "token_perplexity", "tokens"}}}}
+
+A task family (mmlu, bigbench_hard) also gets an entry under its own name: the mean of each metric
+over its subtasks. Comparing (``--model A --model B`` or ``--compare a.json b.json``) lays such
+files side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from doge_cli.errors import DogeError
+
+QUIET_LOGGERS = ("lighteval", "datasets", "accelerate")
+FAMILIES = ("mmlu", "bigbench_hard")  # one requested name that lighteval runs as many subtasks
+
+
+def model_slug(model: str) -> str:
+    """A file name for a model path or hub id: ``runs/pt/final`` -> ``runs-pt-final``."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(model).strip("./")).strip("-.")
+    return slug or "model"
+
+
+@contextmanager
+def _only_these_tasks(configs: list):
+    """Make lighteval's registry see only ``configs`` instead of importing every task module."""
+    from lighteval.tasks.registry import Registry
+
+    original = Registry.__dict__["load_all_task_configs"]
+    table = {c.name: c for c in configs}
+    Registry.load_all_task_configs = staticmethod(lambda custom_tasks=None, load_multilingual=False: dict(table))
+    try:
+        yield
+    finally:
+        Registry.load_all_task_configs = original
+
+
+@contextmanager
+def _quiet_lighteval():
+    """lighteval logs every step and draws a bar per bootstrap; doge prints its own summary instead."""
+    import functools
+    import logging
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    from lighteval.metrics.utils import stderr
+
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    bar = stderr.tqdm
+    stderr.tqdm = functools.partial(bar, disable=True)  # its bootstrap bar has no switch of its own
+    try:
+        yield
+    finally:
+        stderr.tqdm = bar
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _task_results(final: dict) -> dict:
+    """``{task: {metric: value}}`` from lighteval's final dict, with family means added."""
+    tasks: dict[str, dict] = {}
+    for key, metrics in final["results"].items():
+        if key == "all":
+            continue
+        name = re.sub(r"[|:]\d+$", "", key)  # lighteval appends the few-shot count
+        tasks[name] = {m: float(v) for m, v in metrics.items() if isinstance(v, int | float)}
+    families: dict[str, list[dict]] = {}
+    for name, metrics in tasks.items():
+        if name.split(":")[0] in FAMILIES:
+            families.setdefault(name.split(":")[0], []).append(metrics)
+    for family, members in families.items():
+        if family not in tasks:
+            keys = set.intersection(*(set(m) for m in members))
+            tasks[family] = {k: sum(m[k] for m in members) / len(members) for k in sorted(keys)
+                             if not k.endswith("_stderr")}
+            tasks[family]["subtasks"] = len(members)
+    return tasks
+
+
+def _baseline(pipeline, tokenizer) -> dict:
+    from doge_cli.eval.baseline import unigram_baseline
+
+    out = {}
+    for full_name, docs in pipeline.documents_dict.items():
+        name = full_name.rsplit("|", 1)[0]
+        if name != "heldout-ppl":
+            continue
+        texts = [d.query for d in docs]
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        out[name] = {"unigram": {**unigram_baseline(ids, texts, len(tokenizer)), "fitted_on": "held-out text",
+                                 "smoothing": "add-one"}}
+    return out
+
+
+def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0, datasets_dir: Path = Path("datasets"),
+             output_dir: Path | None = Path("eval_results"), max_samples: int | None = None, batch_size: int = 8,
+             use_chat_template: bool = False, system_prompt: str | None = None, tokenizer: str | None = None,
+             device: str | None = None, log: Callable[[str], None] = lambda _m: None) -> dict:
+    """Evaluate ``model`` (folder or hub id) on ``tasks`` (names or groups; default: the builtin tasks).
+
+    Returns the results dict (the module docstring shows it) and, with ``output_dir``, writes it to
+    ``<output_dir>/<model-slug>.json``; ``results["path"]`` is that file.
+    """
+    from doge_cli.eval.tasks import HUB_TASKS, expand_task_names, task_configs
+
+    if num_fewshot < 0:
+        raise DogeError("--num-fewshot must be >= 0")
+    if max_samples is not None and max_samples < 1:
+        raise DogeError("--max-samples must be >= 1")
+    names = expand_task_names(tasks)
+    configs = task_configs(names, Path(datasets_dir))
+
+    log(f"loading {model}")
+    from doge_cli.chat.loading import load_model_and_tokenizer
+
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device)
+    if use_chat_template and not tok.chat_template:
+        raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
+
+    log(f"importing lighteval and running {', '.join(names)}")
+    from lighteval.logging.evaluation_tracker import EvaluationTracker
+    from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+
+    from doge_cli.eval.lighteval_model import DogeLightevalModel
+
+    wrapped = DogeLightevalModel(lm, tok, name=model_slug(model), batch_size=batch_size,
+                                 use_chat_template=use_chat_template, system_prompt=system_prompt)
+    # Perplexity has no few-shot form; every other task takes --num-fewshot.
+    spec = ",".join(f"{c.name}|{0 if c.name == 'heldout-ppl' else num_fewshot}" for c in configs)
+    params = PipelineParameters(launcher_type=ParallelismManager.NONE, max_samples=max_samples)
+    import tempfile
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch, _only_these_tasks(configs), _quiet_lighteval():
+        tracker = EvaluationTracker(output_dir=scratch, save_details=False)
+        try:
+            pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=wrapped)
+        except Exception as err:
+            hub = [n for n in names if n in HUB_TASKS]
+            if not hub:
+                raise
+            first = " ".join(str(err).split())[:160]
+            raise DogeError(f"could not load the data of {', '.join(hub)} from the hub ({type(err).__name__}: "
+                            f"{first}); check the network, or use the builtin offline tasks: "
+                            "heldout-ppl, chatterbot-mc, arithmetic") from err
+        pipeline.evaluate()
+        final = pipeline.get_results()
+    from importlib.metadata import version
+
+    from doge_cli import __version__
+
+    results = {
+        "model": model,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "num_fewshot": num_fewshot,
+        "max_samples": max_samples,
+        "use_chat_template": use_chat_template,
+        "seconds": round(time.perf_counter() - started, 2),
+        "versions": {"doge": __version__, "lighteval": version("lighteval")},
+        "tasks": _task_results(final),
+        "baselines": _baseline(pipeline, tok),
+    }
+    if output_dir is not None:
+        results["path"] = str(save_results(results, Path(output_dir) / f"{model_slug(model)}.json"))
+        log(f"results written to {results['path']}")
+    return results
+
+
+def save_results(results: dict, path: Path) -> Path:
+    from doge_cli.data.storage import write_json
+
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DogeError(f"cannot create {path.parent}: {err.strerror}; choose another --output-dir") from err
+    write_json(path, {k: v for k, v in results.items() if k != "path"})
+    return path
+
+
+def load_results(path: Path) -> dict:
+    """A results file written by ``doge eval``; DogeError when it is missing or not one."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise DogeError(f"results file {path} does not exist; run `doge eval --output-dir DIR` first") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DogeError(f"{path} is not a JSON results file ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict) or "model" not in data:
+        raise DogeError(f"{path} is not a doge eval results file (no 'model' and 'tasks')")
+    data["path"] = str(path)
+    return data
