@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from doge_twin import hf_twin, ours_from, tiny_config
+from .doge_twin import hf_twin, ours_from, tiny_config
 
 from doge_cli.model import generate
 from doge_cli.model.generation import filter_top_k_top_p

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from doge_twin import hf_twin, ours_from, rel_err, tiny_config
+from .doge_twin import hf_twin, ours_from, rel_err, tiny_config
 from transformers import AutoModelForCausalLM
 
 from doge_cli.errors import DogeError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from doge_twin import tiny_config
+from .doge_twin import tiny_config
 from transformers import DogeForCausalLM as HFDoge
 
 from doge_cli.model import DogeForCausalLM, count_parameters, training_flops_per_token
