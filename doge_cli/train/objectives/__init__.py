@@ -12,6 +12,18 @@ def objective_for(config: StageConfig) -> Objective:
         from doge_cli.train.objectives.pt import PretrainObjective
 
         return PretrainObjective(config)
+    if config.stage == "sft":
+        from doge_cli.train.objectives.sft import SFTObjective
+
+        return SFTObjective(config)
+    if config.stage == "dpo":
+        from doge_cli.train.objectives.dpo import DPOObjective
+
+        return DPOObjective(config)
+    if config.stage == "grpo":
+        from doge_cli.train.objectives.grpo import GRPOObjective
+
+        return GRPOObjective(config)
     raise NotImplementedError(f"stage {config.stage} is not implemented yet")
 
 
