@@ -20,7 +20,7 @@ import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SHAPES = [(4, 512), (1, 2048)]  # smaller first: ru_maxrss only grows, so each peak is then its own
-WARMUP, STEPS = 1, 3
+WARMUP, STEPS = 2, 3
 
 
 def _rss_mib() -> float:
