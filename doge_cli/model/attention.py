@@ -183,9 +183,10 @@ _FUNCTIONS: dict[str, Callable] = {
 def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
     """Turn a backend name (or ``auto``) into one of :data:`BACKENDS`.
 
-    ``auto``: ``triton`` on CUDA when the kernel imports, else ``sdpa``, which was the fastest
-    training step on CPU in benchmarks/model_step.py (see benchmarks/RESULTS.md; flex has no CPU
-    backward in torch 2.13 and needs torch.compile to be fast).
+    ``auto``: ``triton`` on CUDA when the kernel imports, else ``sdpa``: in benchmarks/model_step.py
+    it was the fastest or near-fastest CPU training step at 1x2048 (noisy runs, see
+    benchmarks/RESULTS.md), while CPU flex is torch's uncompiled dense reference (torch 2.13 compiles
+    flex on CPU for inference only) plus our dense backward.
     """
     if name == "auto":
         device = torch.device(device) if device is not None else torch.device("cpu")
