@@ -295,6 +295,13 @@ class DPOSection(Section):
     max_prompt_length: PositiveInt = 512
     """Longest prompt; longer prompts keep their last tokens."""
 
+    @model_validator(mode="after")
+    def _check_lengths(self) -> DPOSection:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length {self.max_prompt_length} must be below max_length "
+                             f"{self.max_length}, or no reply token would be left")
+        return self
+
 
 class DPOConfig(StageConfig):
     """Preference optimisation of an SFT model."""

@@ -1,0 +1,145 @@
+"""DPO: the loss and its gradients against TRL's DPOTrainer, learning, resume, bad data."""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from chat_fixtures import final_weights, metrics, overrides, run_stage
+
+from doge_cli.config import resolve_config
+from doge_cli.errors import DogeError
+from doge_cli.train.objectives import objective_for
+
+
+def objective(data, init, tmp_path, **extra):
+    cfg = resolve_config("dpo", hardware="cpu", overrides=overrides(data, tmp_path / "o", init, **extra))
+    obj = objective_for(cfg)
+    obj.setup()
+    return obj
+
+
+def rows(split, idx):
+    part = split[idx]
+    return [{**dict(zip(part, vals)), "_row": i} for i, vals in zip(idx, zip(*part.values()))]
+
+
+def trl_loss(per_token_logps, batch, ref_chosen, ref_rejected, *, beta, loss_type):
+    """TRL's DPOTrainer._compute_loss on our per-token log-probs (its model call replaced by them)."""
+    from trl import DPOTrainer
+
+    logps = per_token_logps[:, :-1]  # TRL scores T - 1 shifted positions
+    completion_mask = torch.zeros_like(batch["targets"])
+    completion_mask[:, 1:] = (batch["targets"][:, :-1] != -100).long()
+    outputs = SimpleNamespace(log_probs=logps, entropy=torch.zeros_like(logps), mean_logits=torch.zeros_like(logps),
+                              is_top1=torch.zeros_like(logps, dtype=torch.bool), aux_loss=None)
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False, ld_alpha=None,
+                           precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
+                           loss_weights=[1.0], beta=beta, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
+                           _total_train_tokens=0, _tp_size=1, use_weighting=False)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    loss = DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, False)
+    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_loss_and_gradients_equal_trl(dpo_data, chat_root, tmp_path, loss_type):
+    from doge_cli.model import load_model
+    from doge_cli.train.objectives.common import token_logprobs
+
+    beta = 0.3
+    obj = objective(dpo_data, chat_root / "start", tmp_path, **{"dpo.beta": beta, "dpo.loss_type": loss_type})
+    model = load_model(chat_root / "start", attn_implementation="sdpa").train()
+    batch = obj.collate(rows(obj.train_data, [0, 1, 2, 3, 4, 5]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        chosen, rejected = obj._sequence_logps(model, batch)
+    # a reference that differs from the policy, so the loss is not at its starting point
+    ref = torch.stack((chosen + torch.randn(6, generator=gen), rejected + torch.randn(6, generator=gen)), 1)
+    obj.ref_logps["train"] = torch.zeros(len(obj.train_data), 2)
+    obj.ref_logps["train"][:6] = ref
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    out = obj.loss(model, batch)
+    ours = out.loss_sum / obj.count_targets(batch)
+    ours_grad = torch.autograd.grad(ours, params)
+
+    per_token = token_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    theirs, logged = trl_loss(per_token, batch, ref[:, 0], ref[:, 1], beta=beta, loss_type=loss_type)
+    theirs_grad = torch.autograd.grad(theirs, params)
+
+    assert float(ours.detach()) > 0
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (float(ours), float(theirs))
+    for a, b in zip(ours_grad, theirs_grad):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert any(a.abs().max() > 1e-4 for a in ours_grad)
+    n = obj.count_targets(batch)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert float(out.metrics[key]) / n == pytest.approx(logged[key], abs=1e-5), key
+
+
+def test_label_smoothing_is_conservative_dpo():
+    from doge_cli.train.objectives.dpo import dpo_loss
+
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-3.0, -5.0, -4.0, -4.5))
+    loss, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.2)
+    z = 0.5 * ((-3.0 + 4.0) - (-5.0 + 4.5))
+    expected = -0.8 * torch.nn.functional.logsigmoid(torch.tensor(z)) - 0.2 * torch.nn.functional.logsigmoid(torch.tensor(-z))
+    assert float(loss) == pytest.approx(float(expected), abs=1e-7)
+
+
+def test_truncation_keeps_prompt_end_and_reply_start(dpo_data, chat_root, tmp_path):
+    obj = objective(dpo_data, chat_root / "start", tmp_path, **{"dpo.max_length": 10, "dpo.max_prompt_length": 4})
+    p, c, r = obj.truncate(list(range(20)), [100, 101, 102, 103, 104, 105, 106], [200, 201])
+    assert p == [16, 17, 18, 19] and c == [100, 101, 102, 103, 104, 105] and r == [200, 201]
+
+
+def implicit_accuracy(policy_dir, ref_dir, data, tmp_path):
+    from doge_cli.model import load_model
+
+    obj = objective(data, ref_dir, tmp_path)
+    policy, ref = (load_model(d, attn_implementation="sdpa") for d in (policy_dir, ref_dir))
+    batch = obj.collate(rows(obj.eval_data, list(range(len(obj.eval_data)))))
+    with torch.no_grad():
+        pc, pr = obj._sequence_logps(policy, batch)
+        rc, rr = obj._sequence_logps(ref, batch)
+    return float(((pc - rc) > (pr - rr)).float().mean())
+
+
+@pytest.mark.parametrize("reference", ["precomputed", "model"])
+def test_dpo_lifts_held_out_preference_accuracy(dpo_data, chat_root, tmp_path, reference):
+    result = run_stage("dpo", dpo_data, tmp_path / "run", chat_root / "start", steps=25,
+                       **{"dpo.reference": reference, "dpo.beta": 0.5})
+    acc = implicit_accuracy(result.final_dir, chat_root / "start", dpo_data, tmp_path)
+    assert acc > 0.6, acc
+    logged = metrics(tmp_path / "run")
+    assert {"rewards/chosen", "rewards/margins", "rewards/accuracies"} <= set(logged[-1])
+
+
+def test_dpo_resume_equals_straight_run(dpo_data, chat_root, tmp_path):
+    run_stage("dpo", dpo_data, tmp_path / "straight", chat_root / "start", steps=6)
+    run_stage("dpo", dpo_data, tmp_path / "resumed", chat_root / "start", steps=6, stop_after=3, **{"checkpoint.every": 3})
+    run_stage("dpo", dpo_data, tmp_path / "resumed", chat_root / "start", steps=6, resume="auto",
+              **{"checkpoint.every": 3})
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]
+    a, b = final_weights(tmp_path / "straight" / "final"), final_weights(tmp_path / "resumed" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_rejected_column_is_a_one_line_error(dpo_data, chat_root, tmp_path):
+    dd = datasets.load_from_disk(str(dpo_data))
+    bad = tmp_path / "bad"
+    datasets.DatasetDict({"train": dd["train"].remove_columns("rejected_input_ids")}).save_to_disk(str(bad))
+    with pytest.raises(DogeError, match="rejected_input_ids") as err:
+        objective(bad, chat_root / "start", tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_prompt_limit_must_leave_room_for_the_reply():
+    from doge_cli.config.loader import ConfigError
+
+    with pytest.raises((ConfigError, DogeError), match="max_prompt_length"):
+        resolve_config("dpo", hardware="cpu", overrides=["dpo.max_length=64", "dpo.max_prompt_length=64"])
