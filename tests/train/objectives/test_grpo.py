@@ -1,0 +1,206 @@
+"""GRPO: loss against TRL's GRPOTrainer, advantages, rewards, learning, resume, bad input."""
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from chat_fixtures import final_weights, metrics, overrides, run_stage
+
+from doge_cli.config import resolve_config
+from doge_cli.errors import DogeError
+from doge_cli.train.objectives import objective_for
+from doge_cli.train.objectives.grpo import group_advantages, grpo_loss
+from doge_cli.train.objectives.rewards import (
+    accuracy_reward,
+    answers_match,
+    format_reward,
+    length_reward,
+    repetition_reward,
+    resolve_reward,
+)
+
+FAST = {"grpo.num_generations": 4, "grpo.max_completion_length": 12, "train.global_batch_size": 4,
+        "runtime.micro_batch_size": 2}
+
+
+def objective(data, init, tmp_path, **extra):
+    cfg = resolve_config("grpo", hardware="cpu", overrides=overrides(data, tmp_path / "o", init, **{**FAST, **extra}))
+    obj = objective_for(cfg)
+    obj.setup()
+    return obj
+
+
+def trl_loss(logps, old, ref, advantages, mask, *, loss_type, beta, eps_low, eps_high, max_len):
+    """TRL's GRPOTrainer._compute_loss with its model call replaced by our per-token log-probs."""
+    from trl import GRPOTrainer
+
+    acc = SimpleNamespace(num_processes=1, reduce=lambda x, reduction: x, gather=lambda x: x, device=logps.device)
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1), loss_type=loss_type,
+        epsilon_low=eps_low, epsilon_high=eps_high, use_vllm=False, vllm_importance_sampling_correction=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, max_completion_length=max_len,
+        accelerator=acc, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics=defaultdict(lambda: defaultdict(list)),
+    )
+    b = logps.shape[0]
+    inputs = {"prompt_ids": torch.zeros(b, 3, dtype=torch.long), "prompt_mask": torch.ones(b, 3, dtype=torch.long),
+              "completion_ids": torch.zeros_like(mask), "completion_mask": mask, "advantages": advantages,
+              "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
+    loss = GRPOTrainer._compute_loss(stub, None, inputs)
+    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("grpo", 0.04), ("dr_grpo", 0.04), ("dapo", 0.0),
+                                            ("dapo", 0.1)])
+def test_loss_equals_trl_on_fixed_completions(loss_type, beta):
+    gen = torch.Generator().manual_seed(0)
+    b, t = 8, 7
+    logps = (-torch.rand(b, t, generator=gen) * 3).requires_grad_()
+    old = logps.detach() + 0.3 * torch.randn(b, t, generator=gen)  # some ratios fall outside the clip range
+    ref = logps.detach() + 0.2 * torch.randn(b, t, generator=gen)
+    mask = (torch.rand(b, t, generator=gen) > 0.25).long()
+    mask[:, 0] = 1
+    rewards = torch.rand(b, generator=gen)
+    adv = group_advantages(rewards, 4)
+    kw = {"loss_type": loss_type, "beta": beta, "eps_low": 0.2, "eps_high": 0.28, "max_len": 9}
+
+    loss_sum, units, stats = grpo_loss(logps, old, adv, mask, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type,
+                                       max_completion_length=9, beta=beta, ref_logps=ref)
+    ours = loss_sum / units
+    (ours_grad,) = torch.autograd.grad(ours, logps)
+    theirs, logged = trl_loss(logps, old, ref, adv, mask, **kw)
+    (theirs_grad,) = torch.autograd.grad(theirs, logps)
+    assert torch.allclose(ours, theirs, atol=1e-6), (float(ours), float(theirs))
+    assert torch.allclose(ours_grad, theirs_grad, atol=1e-6)
+    assert ours_grad.abs().max() > 1e-3
+    assert float(stats["clip_ratio"]) == pytest.approx(logged["clip_ratio/region_mean"], abs=1e-6)
+    assert 0 < float(stats["clip_ratio"]) < 1
+    if beta:
+        assert float(stats["kl"]) == pytest.approx(logged["kl"], abs=1e-6)
+
+
+def test_group_advantages_match_trl_formula():
+    from trl.trainer.utils import nanstd
+
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0, 0.0, 1.0, 0.0, 3.0])
+    grouped = rewards.view(-1, 4)
+    mean = grouped.mean(1).repeat_interleave(4)
+    std = nanstd(grouped, dim=1).repeat_interleave(4)
+    assert torch.allclose(group_advantages(rewards, 4), (rewards - mean) / (std + 1e-4), atol=1e-6)
+    assert torch.allclose(group_advantages(rewards, 4, scale=False), rewards - mean)
+    assert torch.equal(group_advantages(rewards, 4)[4:8], torch.zeros(4))  # equal rewards: no signal, no NaN
+
+
+def test_loss_path_through_the_model_equals_trl(grpo_data, chat_root, tmp_path):
+    """Rollouts from the real generator, our loss through the model, TRL's loss on the same log-probs."""
+    from accelerate import Accelerator
+
+    from doge_cli.model import load_model
+
+    obj = objective(grpo_data, chat_root / "start", tmp_path, **{"grpo.beta": 0.05})
+    model = load_model(chat_root / "start", attn_implementation="sdpa").train()
+    obj.after_prepare(model, Accelerator(cpu=True))
+    part = obj.train_data[:2]
+    rows = [{**dict(zip(part, vals)), "_row": i} for i, vals in enumerate(zip(*part.values()))]
+    (batch,) = obj.prepare_step(model, [obj.collate(rows)])
+    assert batch["input_ids"].shape[0] == 8 and batch["completion_mask"].sum() > 8
+    gen = torch.Generator().manual_seed(3)
+    batch["advantages"] = torch.randn(8, generator=gen)
+    with torch.no_grad():
+        batch["old_logps"] = obj._logps(model, batch) + 0.3 * torch.randn(batch["targets"].shape, generator=gen)
+    params = list(model.parameters())
+    out = obj.loss(model, batch)
+    ours = out.loss_sum / obj.count_targets(batch)
+    ours_grad = torch.autograd.grad(ours, params)
+    logps = obj._logps(model, batch)
+    theirs, _ = trl_loss(logps, batch["old_logps"], batch["ref_logps"], batch["advantages"], batch["completion_mask"],
+                         loss_type="dapo", beta=0.05, eps_low=0.2, eps_high=0.2, max_len=12)
+    theirs_grad = torch.autograd.grad(theirs, params)
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    for a, b in zip(ours_grad, theirs_grad):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_rewards():
+    sol = "<|begin_of_thought|> think <|end_of_thought|> <|begin_of_solution|> 1/2 <|end_of_solution|>"
+    assert accuracy_reward([sol, "the answer is \\boxed{0.5}", "0.25", "\\frac{1}{2}."], ["0.5"] * 4) == [1, 1, 0, 1]
+    assert answers_match("1,000", "1000") and answers_match("-3", "-3.0") and not answers_match("x", "y")
+    assert format_reward([sol, "<|begin_of_thought|> a", "nothing", "<|end_of_thought|>"]) == [1.0, 0.125, 0.0, 0.0]
+    assert length_reward(["a"] * 3, completion_lengths=[10, 14, 16], max_completion_length=16) == [0.0, -0.5, -1.0]
+    assert repetition_reward(["a b c a b c a b c", "one two three four"]) == [pytest.approx(-4 / 7), 0.0]
+
+
+def user_reward(completions, answers, prompts, **info):
+    return [float(len(c)) for c in completions]
+
+
+def test_user_reward_by_dotted_path_and_unknown_names(grpo_data, chat_root, tmp_path):
+    assert resolve_reward("test_grpo:user_reward")(["ab", "abc"], ["1", "2"], [[], []]) == [2.0, 3.0]
+    with pytest.raises(DogeError, match="unknown reward function 'acuracy'"):
+        resolve_reward("acuracy")
+    with pytest.raises(DogeError, match="cannot import reward module"):
+        resolve_reward("no_such_module_xyz:f")
+    with pytest.raises(DogeError, match="unknown reward function") as err:
+        objective(grpo_data, chat_root / "start", tmp_path, **{"grpo.rewards": "[{name: lenght}]"})
+    assert "\n" not in str(err.value)
+
+
+def test_prompt_longer_than_the_limit_is_a_one_line_error(grpo_data, chat_root, tmp_path):
+    with pytest.raises(DogeError, match="exceed grpo.max_prompt_length=16") as err:
+        objective(grpo_data, chat_root / "start", tmp_path, **{"grpo.max_prompt_length": 16})
+    assert "\n" not in str(err.value)
+
+
+def mean_format_reward(model_dir, obj, n=24):
+    from doge_cli.model import generate, load_model
+
+    model = load_model(model_dir, attn_implementation="sdpa")
+    data = obj.train_data  # the caller passes the held-out prompts as this objective's data
+    batch = obj.collate([dict(zip(data[:n], v)) for v in zip(*data[:n].values())])
+    gen = torch.Generator().manual_seed(123)
+    out = generate(model, batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=12, do_sample=True,
+                   num_return_sequences=4, generator=gen, pad_token_id=obj.tokenizer.pad_token_id)
+    texts = [obj.tokenizer.decode(r[:n_]) for r, n_ in zip(out.new_tokens.tolist(), out.lengths.tolist())]
+    return sum(format_reward(texts)) / len(texts)
+
+
+def test_grpo_raises_held_out_format_reward(chat_root, tok, tmp_path):
+    """A random tiny model emits the thinking tags only by chance; GRPO on the format reward makes them likelier.
+    Prompts without the long R1 system prompt keep this fast on CPU."""
+    import datasets
+    from chat_fixtures import save
+
+    from doge_cli.data.builtin import builtin_dataset
+    from doge_cli.data.tokenization import prepare_grpo
+
+    ds = prepare_grpo(builtin_dataset("math-grpo", max_examples=160), tok, 256, system=None)
+    data = save(datasets.DatasetDict({"train": ds.select(range(40, len(ds)))}), tmp_path / "short", chat_root / "tokenizer")
+    held = save(datasets.DatasetDict({"train": ds.select(range(40))}), tmp_path / "held", chat_root / "tokenizer")
+    result = run_stage("grpo", data, tmp_path / "run", chat_root / "start", steps=20,
+                       **{**FAST, "grpo.rewards": "[{name: format}]", "optim.lr": 1e-2, "train.global_batch_size": 8,
+                          "runtime.micro_batch_size": 8, "grpo.num_generations": 8})
+    obj = objective(held, chat_root / "start", tmp_path)
+    before, after = mean_format_reward(chat_root / "start", obj), mean_format_reward(result.final_dir, obj)
+    print(f"held-out format reward {before:.4f} -> {after:.4f}")
+    assert after > before + 0.02, (before, after)
+    logged = metrics(tmp_path / "run")[-1]
+    assert {"rewards/format/mean", "rewards/format/std", "completions/mean_length", "clip_ratio"} <= set(logged)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_grpo_resume_equals_straight_run(grpo_data, chat_root, tmp_path, iterations):
+    extra = {**FAST, "grpo.num_iterations": iterations, "grpo.beta": 0.04}
+    run_stage("grpo", grpo_data, tmp_path / "straight", chat_root / "start", steps=4, **extra)
+    # stop after step 3: with two iterations the resumed step reuses step 2's stored rollouts
+    run_stage("grpo", grpo_data, tmp_path / "resumed", chat_root / "start", steps=4, stop_after=3,
+              **{**extra, "checkpoint.every": 3})
+    run_stage("grpo", grpo_data, tmp_path / "resumed", chat_root / "start", steps=4, resume="auto",
+              **{**extra, "checkpoint.every": 3})
+    a_log, b_log = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
+    assert [m["loss"] for m in a_log] == [m["loss"] for m in b_log]
+    assert [m["reward"] for m in a_log] == [m["reward"] for m in b_log]
+    a, b = final_weights(tmp_path / "straight" / "final"), final_weights(tmp_path / "resumed" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
