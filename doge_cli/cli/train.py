@@ -11,7 +11,7 @@ import typer
 
 from doge_cli.cli.options import HardwareOpt, RecipeAndOverridesArg, SizeOpt, split_recipe_and_overrides
 
-app = typer.Typer(help="Train a Doge model: pretraining (pt) now; sft, dpo and grpo on the same core.",
+app = typer.Typer(help="Train a Doge model: pretraining (pt), then sft, dpo and grpo, all on one core.",
                   no_args_is_help=True)
 
 ResumeOpt = Annotated[
@@ -81,3 +81,72 @@ def train_pt(
     if output_dir:
         extra.append(f"output_dir={output_dir}")
     _run_stage("pt", args, size, hardware, resume, overwrite, accelerate_config, extra)
+
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Model folder or hub id to start from (sets init_from); required unless "
+                 "the recipe sets init_from."),
+]
+
+
+def _post_training(stage: str, args, size, hardware, model, output_dir, resume, overwrite, accelerate_config) -> None:
+    from doge_cli.errors import DogeError
+
+    extra = [f"init_from={model}"] if model else []
+    if output_dir:
+        extra.append(f"output_dir={output_dir}")
+    if not model and not accelerate_config:
+        from doge_cli.config.loader import resolve_config
+
+        recipe, overrides = split_recipe_and_overrides(args)
+        config = resolve_config(stage, size=size, hardware=hardware, recipe=recipe, overrides=[*overrides, *extra])
+        if not config.init_from:
+            raise DogeError(f"doge train {stage} needs a model to start from: pass --model PATH|HUB_ID "
+                            "(e.g. the final/ folder of the previous stage) or set init_from in the recipe")
+    _run_stage(stage, args, size, hardware, resume, overwrite, accelerate_config, extra)
+
+
+@app.command("sft")
+def train_sft(
+    args: RecipeAndOverridesArg = None,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    hardware: HardwareOpt = None,
+    output_dir: OutputOpt = None,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Supervised fine-tuning on chat data, loss on assistant tokens (Doge-Instruct SFT, R1 distillation)."""
+    _post_training("sft", args, size, hardware, model, output_dir, resume, overwrite, accelerate_config)
+
+
+@app.command("dpo")
+def train_dpo(
+    args: RecipeAndOverridesArg = None,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    hardware: HardwareOpt = None,
+    output_dir: OutputOpt = None,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Direct preference optimisation of an SFT model on chosen/rejected pairs (Doge-Instruct)."""
+    _post_training("dpo", args, size, hardware, model, output_dir, resume, overwrite, accelerate_config)
+
+
+@app.command("grpo")
+def train_grpo(
+    args: RecipeAndOverridesArg = None,
+    model: ModelOpt = None,
+    size: SizeOpt = None,
+    hardware: HardwareOpt = None,
+    output_dir: OutputOpt = None,
+    resume: ResumeOpt = None,
+    overwrite: OverwriteOpt = False,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """GRPO with verifiable rewards on maths prompts (Doge-R1)."""
+    _post_training("grpo", args, size, hardware, model, output_dir, resume, overwrite, accelerate_config)

@@ -325,7 +325,10 @@ class RewardSpec(Section):
 
 
 class GRPOSection(Section):
-    """Group relative policy optimisation (Shao et al., 2024, DeepSeekMath eq. 3)."""
+    """Group relative policy optimisation (Shao et al., 2024, DeepSeekMath eq. 3).
+
+    ``train.global_batch_size`` and ``runtime.micro_batch_size`` count prompts; each step trains on
+    global_batch_size x num_generations completions."""
 
     num_generations: Annotated[int, Field(ge=2)] = 8
     """Completions sampled per prompt (the group)."""
