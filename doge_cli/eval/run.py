@@ -52,7 +52,6 @@ def _only_these_tasks(configs: list):
 @contextmanager
 def _quiet_lighteval():
     """lighteval logs every step and draws a bar per bootstrap; doge prints its own summary instead."""
-    import functools
     import logging
 
     import datasets
@@ -63,12 +62,12 @@ def _quiet_lighteval():
     levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    bar = stderr.tqdm
-    stderr.tqdm = functools.partial(bar, disable=True)  # its bootstrap bar has no switch of its own
+    bar = stderr.LIGHTEVAL_DISABLE_TQDM
+    stderr.LIGHTEVAL_DISABLE_TQDM = True  # its bootstrap bar reads this module global at each call
     try:
         yield
     finally:
-        stderr.tqdm = bar
+        stderr.LIGHTEVAL_DISABLE_TQDM = bar
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
 
@@ -92,6 +91,18 @@ def _task_results(final: dict) -> dict:
                              if not k.endswith("_stderr")}
             tasks[family]["subtasks"] = len(members)
     return tasks
+
+
+def _in_order(tasks: dict, names: list[str]) -> dict:
+    """Tasks in the order asked for (subtasks after their family), whatever order lighteval returns."""
+    def rank(task: str) -> tuple[int, str]:
+        family = task.split(":")[0]
+        for i, name in enumerate(names):
+            if task == name or family == name:
+                return i, task
+        return len(names), task
+
+    return {t: tasks[t] for t in sorted(tasks, key=rank)}
 
 
 def _baseline(pipeline, tokenizer) -> dict:
@@ -174,7 +185,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         "use_chat_template": use_chat_template,
         "seconds": round(time.perf_counter() - started, 2),
         "versions": {"doge": __version__, "lighteval": version("lighteval")},
-        "tasks": _task_results(final),
+        "tasks": _in_order(_task_results(final), names),
         "baselines": _baseline(pipeline, tok),
     }
     if output_dir is not None:

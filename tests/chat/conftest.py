@@ -1,9 +1,10 @@
 """A forced R1-style chat model: every reply is ``<thought> the </thought><solution>4</solution>``."""
 
 import pytest
-from .toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token
 
 from doge_cli.data.schema import THINKING_TOKENS
+
+from .toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token
 
 THOUGHT, ANSWER = "the", "4"
 

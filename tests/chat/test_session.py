@@ -2,11 +2,12 @@ import json
 import shutil
 
 import pytest
-from .conftest import ANSWER, THOUGHT
 
 from doge_cli.chat.loading import load_model_and_tokenizer
 from doge_cli.chat.session import ChatSession, ReasoningStream, SamplingParams, split_reasoning
 from doge_cli.errors import DogeError
+
+from .conftest import ANSWER, THOUGHT
 
 RAW = f"<|begin_of_thought|> {THOUGHT}<|end_of_thought|><|begin_of_solution|>{ANSWER}<|end_of_solution|>"
 

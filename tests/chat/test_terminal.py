@@ -1,12 +1,13 @@
 import json
 
 import pytest
-from .conftest import ANSWER, THOUGHT
 from rich.console import Console
 
 from doge_cli.chat.loading import load_model_and_tokenizer
 from doge_cli.chat.session import ChatSession, SamplingParams
 from doge_cli.chat.terminal import answer_once, run_interactive
+
+from .conftest import ANSWER, THOUGHT
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,12 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chat"))
-from tests.chat.toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token  # noqa: E402
-
-from doge_cli.cli.main import run  # noqa: E402
-from doge_cli.data.schema import THINKING_TOKENS  # noqa: E402
+from doge_cli.cli.main import run
+from doge_cli.data.schema import THINKING_TOKENS
+from tests.chat.toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token
 
 
 @pytest.fixture(scope="module")

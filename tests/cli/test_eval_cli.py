@@ -1,15 +1,11 @@
 """``doge eval`` from the command line: one real run, --compare, and the one-line errors."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chat"))
-from toymodel import make_chat_tokenizer, save_forced_model  # noqa: E402
-
-from doge_cli.cli.main import run  # noqa: E402
+from doge_cli.cli.main import run
+from tests.chat.toymodel import make_chat_tokenizer, save_forced_model
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,12 @@ known perfect score; held-out perplexity is checked against transformers' own Do
 """
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chat"))
-from toymodel import chain_of, make_chat_tokenizer, save_forced_model  # noqa: E402
-
-from doge_cli.eval.tasks import PROMPT  # noqa: E402
+from doge_cli.eval.tasks import PROMPT
+from tests.chat.toymodel import chain_of, make_chat_tokenizer, save_forced_model
 
 LONG = " ".join(["and the one that was not the answer at all"] * 4)
 

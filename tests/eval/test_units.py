@@ -56,15 +56,10 @@ def test_rolling_windows_score_every_token_once_with_history(n, max_length):
 
 
 def test_assistant_token_loss_counts_only_label_tokens(tmp_path):
-    import sys
-    from pathlib import Path
-
     import datasets
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chat"))
-    from toymodel import GAP, forced_model, make_chat_tokenizer
-
     from doge_cli.eval.sft_loss import assistant_token_loss
+    from tests.chat.toymodel import GAP, forced_model, make_chat_tokenizer
 
     tok = make_chat_tokenizer(tmp_path / "tok")
     model = forced_model(tok, {100: 101, 101: 102})
