@@ -112,7 +112,7 @@ class DogeLightevalModel(LightevalModel):
         return out
 
     def loglikelihood(self, docs: list[Doc]) -> list[ModelResponse]:
-        rows, spans = [], []
+        rows, spans, conts = [], [], []
         for doc in docs:
             context = self.prompt_manager.prepare_prompt(doc)
             contexts, continuations = self.tok_encode_pair(context, doc.choices, pairwise=False)
@@ -121,6 +121,7 @@ class DogeLightevalModel(LightevalModel):
                 row = (ctx + cont)[-self.max_length:]  # keep the choice, cut the context's start
                 rows.append(row)
                 spans.append(min(len(cont), len(row) - 1))
+                conts.append(list(cont))
         scored = self._token_logprobs(rows)
         responses, k = [], 0
         for doc in docs:
@@ -129,7 +130,9 @@ class DogeLightevalModel(LightevalModel):
             for (lp, eq), span in zip(scored[k:k + n], spans[k:k + n]):
                 logprobs.append(float(lp[-span:].sum()))
                 greedy.append(bool(eq[-span:].all()))
-            responses.append(ModelResponse(logprobs=logprobs, argmax_logits_eq_gold=greedy))
+            # Token-normalised metrics (LogProbTokenNorm) divide by the choice lengths in output_tokens.
+            responses.append(ModelResponse(logprobs=logprobs, argmax_logits_eq_gold=greedy,
+                                           output_tokens=conts[k:k + n]))
             k += n
         return responses
 
