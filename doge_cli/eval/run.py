@@ -146,10 +146,17 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
 
     log(f"importing lighteval and running {', '.join(names)}")
+    import torch
+
+    # lighteval's transformers backend switches autograd off for the whole process when it is
+    # imported; a caller that trains after evaluating (the demo, notebooks, tests) must not inherit that.
+    grad_mode = torch.is_grad_enabled()
     from lighteval.logging.evaluation_tracker import EvaluationTracker
     from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
 
     from doge_cli.eval.lighteval_model import DogeLightevalModel
+
+    torch.set_grad_enabled(grad_mode)
 
     wrapped = DogeLightevalModel(lm, tok, name=model_slug(model), batch_size=batch_size,
                                  use_chat_template=use_chat_template, system_prompt=system_prompt)
@@ -171,8 +178,11 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
             raise DogeError(f"could not load the data of {', '.join(hub)} from the hub ({type(err).__name__}: "
                             f"{first}); check the network, or use the builtin offline tasks: "
                             "heldout-ppl, chatterbot-mc, arithmetic") from err
-        pipeline.evaluate()
-        final = pipeline.get_results()
+        try:
+            pipeline.evaluate()
+            final = pipeline.get_results()
+        finally:
+            torch.set_grad_enabled(grad_mode)
     from importlib.metadata import version
 
     from doge_cli import __version__

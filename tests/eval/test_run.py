@@ -70,3 +70,10 @@ def test_load_results_errors(tmp_path):
 def test_model_slug():
     assert model_slug("./runs/pt/final") == "runs-pt-final"
     assert model_slug("SmallDoge/Doge-20M") == "SmallDoge-Doge-20M"
+
+
+def test_autograd_stays_on_after_an_evaluation(results):
+    """lighteval turns autograd off process-wide at import; evaluate() must hand it back."""
+    import torch
+
+    assert torch.is_grad_enabled()
