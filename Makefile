@@ -12,7 +12,7 @@ export DS_BUILD_OPS := 0
 # Tests and the demo never need the hub.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test lint bench clean lock
+.PHONY: install test lint bench clean lock demo
 
 install: $(STAMP)
 
@@ -39,3 +39,7 @@ clean:
 # Regenerate the constraints file from the current environment (after changing dependencies).
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | sed -E 's/^torch==([0-9.]+)\+cpu$$/torch==\1/' > constraints.txt
+
+# The whole pipeline on builtin offline data with tiny recipes (CPU, minutes); see scripts/demo.sh.
+demo: install
+	bash scripts/demo.sh

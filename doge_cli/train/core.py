@@ -165,6 +165,11 @@ def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _launcher_name(accelerator) -> str:
+    kind = accelerator.distributed_type.value.lower()
+    return "one process" if kind == "no" else kind.replace("multi_", "ddp/")
+
+
 def data_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The order in which epoch ``epoch`` visits the ``n`` training rows (a pure function)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -240,7 +245,7 @@ class Loop:
         logger.message(
             f"{cfg.stage}: {total} optimizer steps x {cfg.train.global_batch_size} sequences "
             f"(micro batch {self.micro} x accumulation {self.accum} x {self.world} process"
-            f"{'es' if self.world > 1 else ''}), {acc.distributed_type.value.lower()} on {acc.device}, "
+            f"{'es' if self.world > 1 else ''}), {_launcher_name(acc)} on {acc.device}, "
             f"{cfg.runtime.precision}, attention {getattr(acc.unwrap_model(model), 'attn_implementation', '?')}"
         )
         if self.resume_from is not None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from .doge_twin import hf_twin, ours_from, tiny_config
 
 from doge_cli.model import generate
 from doge_cli.model.generation import filter_top_k_top_p
+
+from .doge_twin import hf_twin, ours_from, tiny_config
 
 
 def _pair(**overrides):

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from .doge_twin import hf_twin, ours_from, rel_err, tiny_config
 from transformers import AutoModelForCausalLM
 
 from doge_cli.errors import DogeError
 from doge_cli.model import load_model, save_pretrained
+
+from .doge_twin import hf_twin, ours_from, rel_err, tiny_config
 
 IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(5))
 

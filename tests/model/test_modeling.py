@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .doge_twin import BACKENDS, hf_twin, ours_from, rel_err, skip_unavailable, tiny_config
 
 from doge_cli.errors import DogeError
 from doge_cli.model import DogeForCausalLM
+
+from .doge_twin import BACKENDS, hf_twin, ours_from, rel_err, skip_unavailable, tiny_config
 
 SCENARIOS = {
     # GQA 4/2 heads, untied head, 24 keys > keep_window_size 8: the top-k dynamic mask is active.

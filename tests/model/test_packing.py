@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from .doge_twin import BACKENDS, hf_twin, ours_from, rel_err, skip_unavailable, tiny_config
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from .doge_twin import tiny_config
 from transformers import DogeForCausalLM as HFDoge
 
 from doge_cli.model import DogeForCausalLM, count_parameters, training_flops_per_token
 from doge_cli.model.sizes import SIZES, size_config
+
+from .doge_twin import tiny_config
 
 # The SmallDoge guide's table, in millions. It truncates (54.57M is listed as 54M, 335.75M as 335M).
 TABLE = {"Doge-20M": 13, "Doge-60M": 54, "Doge-160M": 152, "Doge-320M": 335}

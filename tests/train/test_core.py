@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from .conftest import tiny_overrides
 from safetensors.torch import load_file
 
 from doge_cli.config import resolve_config
 from doge_cli.errors import DogeError
 from doge_cli.train.core import train
 from doge_cli.train.objectives import objective_for
+
+from .conftest import tiny_overrides
 
 ENV = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 

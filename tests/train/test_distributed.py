@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from .conftest import tiny_overrides
 from safetensors.torch import load_file
+
+from .conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -1,0 +1,58 @@
+"""The two figures ``make demo`` promises, computed from the demo's own outputs.
+
+1. The pretrained model's held-out perplexity on the builtin corpus against a unigram model's
+   (from ``doge eval``'s results JSON of the pretrained model; the unigram is fitted on the
+   held-out text itself with add-one smoothing, an optimistic bar).
+2. The held-out assistant-token loss of the SFT model against the base model's, on the test split
+   of the merged SFT data.
+
+    python -m doge_cli.eval.demo_report --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
+
+Exits 1 when either promise is not met, so a demo that stops teaching fails loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def perplexity_figure(eval_dir: Path, base_model: Path) -> tuple[dict, dict]:
+    from doge_cli.eval.run import load_results, model_slug
+
+    results = load_results(eval_dir / f"{model_slug(str(base_model))}.json")
+    model = results["tasks"]["heldout-ppl"]
+    unigram = results["baselines"]["heldout-ppl"]["unigram"]
+    return model, unigram
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets-dir", type=Path, default=Path("datasets"))
+    parser.add_argument("--runs", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--eval-dir", type=Path, default=Path("eval"))
+    args = parser.parse_args(argv)
+
+    from doge_cli.eval.sft_loss import assistant_token_loss
+
+    base = args.runs / "pt" / "final"
+    sft = args.runs / "sft" / "final"
+    model_ppl, unigram_ppl = perplexity_figure(args.eval_dir, base)
+    data = args.datasets_dir / "merged" / "sft"
+    base_loss = assistant_token_loss(str(base), str(data))
+    sft_loss = assistant_token_loss(str(sft), str(data))
+
+    ok_ppl = model_ppl["word_perplexity"] < unigram_ppl["word_perplexity"]
+    ok_sft = sft_loss["loss"] < base_loss["loss"]
+    print("\nWhat the demo shows")
+    print(f"  held-out word perplexity, builtin corpus: pretrained {model_ppl['word_perplexity']:,.1f} "
+          f"vs unigram {unigram_ppl['word_perplexity']:,.1f} (bits/byte {model_ppl['bits_per_byte']:.3f} vs "
+          f"{unigram_ppl['bits_per_byte']:.3f})  {'OK' if ok_ppl else 'NOT MET'}")
+    print(f"  held-out assistant-token loss ({sft_loss['tokens']:,} tokens): SFT {sft_loss['loss']:.3f} "
+          f"vs base {base_loss['loss']:.3f} nats/token  {'OK' if ok_sft else 'NOT MET'}")
+    return 0 if ok_ppl and ok_sft else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
