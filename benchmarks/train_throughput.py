@@ -8,8 +8,9 @@ Both get the same model shape (Doge-20M by default), the same initial weights (d
 copied into the native model), the same rows in the same order, the same optimizer settings and
 precision, and a constant learning rate (the two libraries count warmup steps differently: a
 schedule would put them a step apart and blur the loss comparison). Each side runs in its own subprocess so peak memory (ru_maxrss) is its
-own. Reported: median tokens/s over the steps after warm-up, peak RSS, loss at the last step,
-and the doge/reference ratios.
+own. Reported: median tokens/s over the steps after warm-up, peak RSS, training memory (peak RSS
+minus the RSS after importing both stacks: model, optimizer state, activations and logits), loss
+at the last step, and the doge/reference ratios.
 
     python benchmarks/train_throughput.py [--size 20M] [--seq-len 2048] [--steps 12] [--precision bf16]
 """
@@ -139,13 +140,32 @@ def run_reference(root: Path, size: str, seq_len: int, steps: int, batch: int, p
     return {"tokens_per_s": [tokens / t for t in times], "losses": losses}
 
 
+def current_rss_gb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 def child(args) -> None:
     root = Path(args.root)
+    # Both stacks import the same libraries first, so "training memory" (peak minus this) compares
+    # what each needs for the model, optimizer, activations and logits, without the shared imports.
+    import accelerate  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import Trainer  # noqa: F401
+
+    import doge_cli.train.core  # noqa: F401
+
+    baseline = current_rss_gb()
     if args.child == "doge":
         result = run_doge(root, args.size, args.seq_len, args.steps, args.batch, args.precision, args.attn)
     else:
         result = run_reference(root, args.size, args.seq_len, args.steps, args.batch, args.precision)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["train_mem_gb"] = result["peak_rss_gb"] - baseline
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -181,17 +201,17 @@ def main() -> None:
     rows = []
     for side, res in results.items():
         speed = statistics.median(res["tokens_per_s"][WARMUP:])
-        rows.append((side, speed, res["peak_rss_gb"], res["losses"][-1]))
+        rows.append((side, speed, res["peak_rss_gb"], res["train_mem_gb"], res["losses"][-1]))
     ref, doge = rows[0], rows[1]
     print(f"\nDoge-{args.size}, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.precision}, "
           f"median after {WARMUP} warm-up steps")
-    print("| stack | tokens/s | peak RSS (GB) | loss at last step |")
-    print("|---|---|---|---|")
-    for side, speed, mem, loss in rows:
-        print(f"| {side} | {speed:,.0f} | {mem:.2f} | {loss:.4f} |")
+    print("| stack | tokens/s | peak RSS (GB) | training memory (GB) | loss at last step |")
+    print("|---|---|---|---|---|")
+    for side, speed, mem, train_mem, loss in rows:
+        print(f"| {side} | {speed:,.0f} | {mem:.2f} | {train_mem:.2f} | {loss:.4f} |")
     print("losses per step:", {k: [round(x, 4) for x in v["losses"]] for k, v in results.items()})
-    print(f"| doge / reference | {doge[1] / ref[1]:.2f}x | {doge[2] / ref[2]:.2f}x | "
-          f"{abs(doge[3] - ref[3]) / ref[3]:.2%} apart |")
+    print(f"| doge / reference | {doge[1] / ref[1]:.2f}x | {doge[2] / ref[2]:.2f}x | {doge[3] / ref[3]:.2f}x | "
+          f"{abs(doge[4] - ref[4]) / ref[4]:.2%} apart |")
 
 
 if __name__ == "__main__":

@@ -99,15 +99,47 @@ def eager_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None
 
 
 def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
-    """torch's scaled_dot_product_attention with the bias as an additive float mask.
+    """torch's scaled_dot_product_attention, with the per-key bias folded into the keys.
 
-    SDPA has no per-key bias input, so this backend is forced to materialise a dense
-    (B, Hq, Tq, Tk) float mask; that also keeps SDPA on its math path for the backward pass.
+    ``scale * q·k + bias_j == scale * [q, 1/scale]·[k, bias_j]``: one extra head-dim column turns the
+    bias into part of the dot product, so SDPA's fused kernels (causal flag or a boolean mask) do the
+    work and the bias gradient comes out of SDPA's own dk. This avoids the dense (B, H, Tq, Tk) float
+    mask that transformers' Doge builds, which keeps SDPA on its math path (2-3x slower here on CPU,
+    see benchmarks/RESULTS.md). The head dim is padded by 8 (not 1) to keep kernel-friendly sizes.
+    When the top-k keep window is active the selection differs per query, so the dense path is used.
     """
     b, hq, q_len, d = q.shape
-    hkv = k.shape[1]
+    hkv, k_len = k.shape[1], k.shape[2]
     groups = hq // hkv
-    allowed = _final_mask(bias, q_len, doc_ids, key_padding_mask, keep_window_size)
+    if keep_window_size is not None and k_len > keep_window_size:
+        return _sdpa_dense_mask(q, k, v, bias, scale=scale, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+                                keep_window_size=keep_window_size)
+    if doc_ids is not None and doc_ids.device.type == "cpu" and bool((doc_ids == doc_ids[:, -1:]).all()):
+        doc_ids = None  # one document per row: plain causal (checked on CPU only: no device sync)
+    pad = 8
+    q2 = torch.cat([q, q.new_full((b, hq, q_len, 1), 1.0 / scale), q.new_zeros(b, hq, q_len, pad - 1)], dim=-1)
+    k2 = torch.cat([k, bias.unsqueeze(-1).to(k.dtype), k.new_zeros(b, hkv, k_len, pad - 1)], dim=-1)
+    v2 = torch.cat([v, v.new_zeros(b, hkv, k_len, pad)], dim=-1)
+    if doc_ids is None and key_padding_mask is None and q_len == k_len:
+        out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        return out[..., :d]
+    allowed = allowed_keys(q_len, k_len, doc_ids, key_padding_mask, q.device)  # (B|1, 1, Tq, Tk)
+    has_key = allowed.any(dim=-1, keepdim=True)
+    # A query with no allowed key (left padding) attends to the last key instead of producing NaN;
+    # its output is zeroed below, so neither the value nor any gradient leaks.
+    allowed = allowed | (~has_key & (torch.arange(k_len, device=q.device) == k_len - 1))
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=allowed, scale=scale, enable_gqa=groups > 1)
+    return out[..., :d] * has_key.to(out.dtype)
+
+
+def _sdpa_dense_mask(q, k, v, bias, *, scale, doc_ids, key_padding_mask, keep_window_size):
+    """SDPA with the bias and the top-k selection as one dense (B, Hq, Tq, Tk) float mask.
+
+    Forced when the keep window is active: every query keeps a different key set.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    groups = hq // hkv
+    allowed = _final_mask(bias, q.shape[2], doc_ids, key_padding_mask, keep_window_size)
     mask = bias[:, :, None, :].masked_fill(~allowed, torch.finfo(bias.dtype).min).to(q.dtype)
     if groups > 1:
         # Query heads of one kv head are adjacent, so each kv head's mask is repeated `groups` times.
