@@ -132,3 +132,15 @@ def test_missing_dataset_names_the_data_command(tmp_path):
 def test_divergence_stops_with_a_message(pt_data, tmp_path):
     with pytest.raises(DogeError, match="NaN or infinite"):
         run(pt_data, tmp_path / "run", steps=6, **{"optim.lr": 1e30, "optim.max_grad_norm": 0})
+
+
+def test_init_from_with_a_smaller_vocabulary_is_refused(pt_data, tmp_path):
+    from transformers import DogeConfig
+
+    from doge_cli.model import DogeForCausalLM, save_pretrained
+
+    small = DogeConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, router_aux_loss_coef=0.0)
+    save_pretrained(DogeForCausalLM(small, attn_implementation="eager"), tmp_path / "small")
+    with pytest.raises(DogeError, match="vocabulary of 100"):
+        run(pt_data, tmp_path / "run", steps=2, init_from=str(tmp_path / "small"))

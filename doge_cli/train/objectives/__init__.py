@@ -24,7 +24,7 @@ def objective_for(config: StageConfig) -> Objective:
         from doge_cli.train.objectives.grpo import GRPOObjective
 
         return GRPOObjective(config)
-    raise NotImplementedError(f"stage {config.stage} is not implemented yet")
+    raise ValueError(f"unknown stage {config.stage!r}; choose pt, sft, dpo or grpo")
 
 
 __all__ = ["LossOutput", "Objective", "objective_for"]
