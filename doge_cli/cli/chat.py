@@ -28,7 +28,7 @@ def chat(
         "--tokenizer", help="Tokenizer folder or hub id (default: the one in the model folder).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
 ) -> None:
-    """Chat with a model through its chat template. Commands: /reset, /system TEXT, /params [key=value ...],
+    """Chat with a model through its chat template. Commands: /reset, /system TEXT, /params \\[key=value ...],
     /save FILE, /exit. Reasoning of R1 models is shown dim under "thinking"."""
     from rich.console import Console
 

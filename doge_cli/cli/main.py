@@ -26,12 +26,13 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-app.add_typer(train_cmd.app, name="train")
-app.add_typer(config_cmd.app, name="config")
+# In pipeline order, so `doge --help` reads like the workflow.
 app.add_typer(data_cmd.app, name="data")
-app.command("env")(env_cmd.env)
-app.command("chat")(chat_cmd.chat)
+app.add_typer(train_cmd.app, name="train")
 app.command("eval")(eval_cmd.eval_models)
+app.command("chat")(chat_cmd.chat)
+app.add_typer(config_cmd.app, name="config")
+app.command("env")(env_cmd.env)
 
 
 def _version_callback(value: bool) -> None:
