@@ -46,7 +46,6 @@ run eval --model ./runs/quickstart/pt/final --model ./runs/quickstart/dpo/final 
     --model ./runs/quickstart/grpo/final --tasks builtin --max-samples 100 \
     --datasets-dir ./datasets --output-dir ./eval
 run chat ./runs/quickstart/dpo/final --prompt "What is your favorite book?" --greedy --repetition-penalty 1.3 --max-new-tokens 48
-run chat ./runs/quickstart/grpo/final --prompt "What is 12 + 7?" --greedy --repetition-penalty 1.3 --max-new-tokens 96
 
 # 4. The two figures the demo promises.
 "$ROOT/.venv/bin/python" -m doge_cli.eval.demo_report --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
