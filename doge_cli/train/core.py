@@ -267,6 +267,7 @@ class Loop:
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.optim.lr * mult
                 batches = [self._batch(step, m) for m in range(self.accum)]
+                self.obj.step = step
                 batches = self.obj.prepare_step(model, batches)
                 local = sum(self.obj.count_targets(b) for b in batches)
                 n_global = acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum").clamp(min=1.0)

@@ -39,6 +39,8 @@ class Objective:
 
     def __init__(self, config: StageConfig):
         self.config = config
+        self.step = 0
+        """Optimizer steps completed before the one being prepared (set by the core; exact on resume)."""
         self.tokenizer = None
         self.train_data = None
         self.eval_data = None

@@ -129,7 +129,6 @@ class GRPOObjective(Objective):
         self._check_prompt_lengths()
         self.ref_model = None
         self._rollouts: tuple[int, list[dict[str, Any]]] | None = None
-        self._calls = 0
 
     def _check_prompt_lengths(self) -> None:
         limit = self.config.grpo.max_prompt_length
@@ -169,19 +168,9 @@ class GRPOObjective(Objective):
         if self.config.grpo.beta != 0.0:
             self.ref_model = frozen_copy(model)
 
-    def _step(self) -> int:
-        """Optimizer steps done so far: AdamW's own step count (restored on resume), else calls seen."""
-        for wrapped in getattr(self.acc, "_optimizers", []):
-            opt = getattr(wrapped, "optimizer", wrapped)
-            if isinstance(opt, torch.optim.Optimizer):
-                counts = [int(s["step"]) for s in opt.state.values() if "step" in s]
-                return max(counts, default=0)
-        return self._calls
-
     # -- rollouts -----------------------------------------------------------------------------
     def prepare_step(self, model, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        step = self._step()
-        self._calls += 1
+        step = self.step
         mu = self.config.grpo.num_iterations
         first = step - step % mu
         if self._rollouts is not None and self._rollouts[0] == first:
