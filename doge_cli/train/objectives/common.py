@@ -9,7 +9,7 @@ import torch
 
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import load_tokenizer
-from doge_cli.train.objectives.pt import _eos_ids, _unwrap, tokenizer_from_manifest
+from doge_cli.train.objectives.pt import _eos_ids, _unwrap, head_is_whole, tokenizer_from_manifest
 
 
 def require_init_from(config) -> str:
@@ -67,13 +67,13 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 
     ``targets`` (B, T') are already shifted: ``targets[:, t]`` is the token that follows position
     ``start + t``. Only those T' positions reach the head, through the fused linear log-probs (no
-    full logits); under ZeRO-3 the partitioned head is only whole inside the forward, so there the
+    full logits); under ZeRO-3 or FSDP the sharded head is only whole inside the forward, so there the
     model returns logits and a plain log-softmax is used.
     """
     from doge_cli.kernels.linear_cross_entropy import linear_logprobs
 
     head = _unwrap(model).lm_head.weight
-    fused = not hasattr(head, "ds_id")
+    fused = head_is_whole(head)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 return_hidden_states=fused)
     width = targets.shape[1]

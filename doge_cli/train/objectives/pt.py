@@ -45,13 +45,13 @@ def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor | None
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
     """Sum of next-token cross-entropies, through the fused linear cross-entropy (no full logits).
 
-    Under DeepSpeed ZeRO-3 the head's weight is only gathered inside the model's forward, so
+    Under DeepSpeed ZeRO-3 and FSDP the head's weight is only whole inside the model's forward, so
     there the model computes the logits itself and the loss is a plain cross-entropy.
     """
     from doge_cli.kernels.linear_cross_entropy import linear_cross_entropy
 
     head = _unwrap(model).lm_head.weight
-    fused = not hasattr(head, "ds_id")  # a ZeRO-3 partitioned parameter
+    fused = head_is_whole(head)
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
@@ -72,6 +72,12 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tens
         loss = loss + out.aux_loss * n
         metrics["aux_loss"] = (out.aux_loss.detach() * n).float()
     return LossOutput(loss, metrics)
+
+
+def head_is_whole(weight: torch.Tensor) -> bool:
+    """False for a sharded LM head (DeepSpeed ZeRO-3 partitions carry ``ds_id``; FSDP2 shards are
+    DTensors with a ``device_mesh``): only the model's own forward sees those weights whole."""
+    return not hasattr(weight, "ds_id") and not hasattr(weight, "device_mesh")
 
 
 def _unwrap(model):
