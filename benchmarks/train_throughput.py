@@ -8,7 +8,8 @@ Both get the same model shape (Doge-20M by default), the same initial weights (d
 copied into the native model), the same rows in the same order, the same optimizer settings and
 precision, and a constant learning rate (the two libraries count warmup steps differently: a
 schedule would put them a step apart and blur the loss comparison). Each side runs in its own subprocess so peak memory (ru_maxrss) is its
-own. Reported: median tokens/s over the steps after warm-up, peak RSS, training memory (peak RSS
+own. Both sides time a step as the wall time from the end of one step to the end of the next (data,
+forward/backward, optimizer, logging). Reported: median tokens/s over the steps after warm-up, peak RSS, training memory (peak RSS
 minus the RSS after importing both stacks: model, optimizer state, activations and logits), loss
 at the last step, and the doge/reference ratios.
 
@@ -113,11 +114,15 @@ def run_reference(root: Path, size: str, seq_len: int, steps: int, batch: int, p
     losses: list[float] = []
 
     class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
+        # Wall time from one step's end to the next: data loading, forward/backward, optimizer and
+        # logging, the same span doge's per-step log window covers (log_every=1).
+        def on_train_begin(self, args, state, control, **kw):
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
+            now = time.perf_counter()
+            times.append(now - self.t0)
+            self.t0 = now
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
