@@ -11,35 +11,29 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+
+def _post_training(stage: str, epochs: int, **extra: Any) -> dict[str, Any]:
+    """The seed's Instruct and R1 recipes: cosine to 10% with 10% warmup, 128 sequences per optimizer
+    step, checkpoints and evaluation every 100 steps; ``extra`` merges keys into those sections."""
+    layer: dict[str, Any] = {
+        "output_dir": f"./runs/{stage}",
+        "data": {"path": f"./datasets/merged/{stage}"},
+        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
+        "train": {"max_steps": None, "num_epochs": epochs, "global_batch_size": 128},
+        "checkpoint": {"every": 100},
+        "logging": {"eval_every": 100},
+    }
+    for section, values in extra.items():
+        layer[section] = {**layer[section], **values}
+    return layer
+
+
 # Per-stage defaults that differ from the schema's (which are pretraining's).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "pt": {"output_dir": "./runs/pt", "data": {"path": "./datasets/merged/pt"}},
-    # The seed's Instruct and R1 recipes: 2 epochs (SFT/DPO), cosine to 10% with 10% warmup,
-    # 128 sequences per optimizer step.
-    "sft": {
-        "output_dir": "./runs/sft",
-        "data": {"path": "./datasets/merged/sft"},
-        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
-        "train": {"max_steps": None, "num_epochs": 2, "global_batch_size": 128},
-        "checkpoint": {"every": 100},
-        "logging": {"eval_every": 100},
-    },
-    "dpo": {
-        "output_dir": "./runs/dpo",
-        "data": {"path": "./datasets/merged/dpo", "max_length": 1024},
-        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
-        "train": {"max_steps": None, "num_epochs": 2, "global_batch_size": 128},
-        "checkpoint": {"every": 100},
-        "logging": {"eval_every": 100},
-    },
-    "grpo": {
-        "output_dir": "./runs/grpo",
-        "data": {"path": "./datasets/merged/grpo", "max_length": 1536},
-        "schedule": {"name": "cosine_with_min_lr", "warmup_ratio": 0.1, "min_lr_rate": 0.1},
-        "train": {"max_steps": None, "num_epochs": 1, "global_batch_size": 128},
-        "checkpoint": {"every": 100},
-        "logging": {"eval_every": 100, "log_every": 1},
-    },
+    "sft": _post_training("sft", epochs=2),
+    "dpo": _post_training("dpo", epochs=2, data={"max_length": 1024}),
+    "grpo": _post_training("grpo", epochs=1, data={"max_length": 1536}, logging={"log_every": 1}),
 }
 
 
