@@ -77,3 +77,15 @@ def single_token(tok, text: str) -> int:
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert len(ids) == 1, (text, ids)
     return ids[0]
+
+
+def save_forced_r1_model(root: Path, thought: str = "the", answer: str = "4") -> Path:
+    """A chat model whose every reply is ``<thought> {thought} </thought><solution>{answer}</solution>``."""
+    from doge_cli.data.schema import THINKING_TOKENS
+
+    tok = make_chat_tokenizer(root / "tokenizer")
+    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    last = tok(header, add_special_tokens=False)["input_ids"][-1]
+    bt, et, bs, es = tok.convert_tokens_to_ids(list(THINKING_TOKENS))
+    chain = chain_of([last, bt, single_token(tok, " " + thought), et, bs, single_token(tok, answer), es])
+    return save_forced_model(root / "model", tok, chain)

@@ -11,28 +11,15 @@ import time
 
 import pytest
 
-from doge_cli.cli.main import run
-from doge_cli.data.schema import THINKING_TOKENS
-from tests.chat.toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token
+from tests.chat.toymodel import save_forced_r1_model
+from tests.cli.helpers import run_doge as _doge
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("chatcli")
-    tok = make_chat_tokenizer(root / "tokenizer")
-    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
-    last = tok(header, add_special_tokens=False)["input_ids"][-1]
-    bt, et, bs, es = tok.convert_tokens_to_ids(list(THINKING_TOKENS))
-    chain = chain_of([last, bt, single_token(tok, " the"), et, bs, single_token(tok, "4"), es])
-    return save_forced_model(root / "model", tok, chain)
+    return save_forced_r1_model(root, "the", "4")
 
-
-def _doge(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        run(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 class Terminal:

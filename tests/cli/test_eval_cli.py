@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from doge_cli.cli.main import run
 from tests.chat.toymodel import make_chat_tokenizer, save_forced_model
+from tests.cli.helpers import run_doge as _doge
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,6 @@ def setup(tmp_path_factory):
                                                for i in range(5)))
     return root, model
 
-
-def _doge(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        run(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_eval_writes_json_and_compare_shows_it(setup, capsys):

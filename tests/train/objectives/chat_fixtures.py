@@ -121,6 +121,23 @@ def run_stage(stage, data, out, init, *, resume=None, stop_after=None, overwrite
     return train(cfg, objective_for(cfg), resume=resume, overwrite=overwrite, stop_after=stop_after)
 
 
+def built_objective(stage, data, init, tmp_path, **extra):
+    """The stage's objective after ``setup()`` (data and tokenizer loaded), without training."""
+    from doge_cli.config import resolve_config
+    from doge_cli.train.objectives import objective_for
+
+    cfg = resolve_config(stage, hardware="cpu", overrides=overrides(data, tmp_path / "o", init, **extra))
+    obj = objective_for(cfg)
+    obj.setup()
+    return obj
+
+
+def rows(split, idx):
+    """Rows ``idx`` of a dataset split as the dicts the core hands to ``collate`` (with "_row")."""
+    part = split[idx]
+    return [{**dict(zip(part, vals)), "_row": i} for i, vals in zip(idx, zip(*part.values()))]
+
+
 def metrics(run_dir):
     from pathlib import Path
 

@@ -6,23 +6,15 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from chat_fixtures import final_weights, metrics, overrides, run_stage
 
 from doge_cli.config import resolve_config
 from doge_cli.errors import DogeError
-from doge_cli.train.objectives import objective_for
+
+from .chat_fixtures import built_objective, final_weights, metrics, rows, run_stage
 
 
 def objective(data, init, tmp_path, **extra):
-    cfg = resolve_config("dpo", hardware="cpu", overrides=overrides(data, tmp_path / "o", init, **extra))
-    obj = objective_for(cfg)
-    obj.setup()
-    return obj
-
-
-def rows(split, idx):
-    part = split[idx]
-    return [{**dict(zip(part, vals)), "_row": i} for i, vals in zip(idx, zip(*part.values()))]
+    return built_objective("dpo", data, init, tmp_path, **extra)
 
 
 def trl_loss(per_token_logps, batch, ref_chosen, ref_rejected, *, beta, loss_type):

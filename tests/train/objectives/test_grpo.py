@@ -5,11 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from chat_fixtures import final_weights, metrics, overrides, run_stage
 
-from doge_cli.config import resolve_config
 from doge_cli.errors import DogeError
-from doge_cli.train.objectives import objective_for
 from doge_cli.train.objectives.grpo import group_advantages, grpo_loss
 from doge_cli.train.objectives.rewards import (
     accuracy_reward,
@@ -20,15 +17,15 @@ from doge_cli.train.objectives.rewards import (
     resolve_reward,
 )
 
+from .chat_fixtures import built_objective, final_weights, metrics, run_stage
+
 FAST = {"grpo.num_generations": 4, "grpo.max_completion_length": 12, "train.global_batch_size": 4,
         "runtime.micro_batch_size": 2}
 
 
+
 def objective(data, init, tmp_path, **extra):
-    cfg = resolve_config("grpo", hardware="cpu", overrides=overrides(data, tmp_path / "o", init, **{**FAST, **extra}))
-    obj = objective_for(cfg)
-    obj.setup()
-    return obj
+    return built_objective("grpo", data, init, tmp_path, **{**FAST, **extra})
 
 
 def trl_loss(logps, old, ref, advantages, mask, *, loss_type, beta, eps_low, eps_high, max_len):
@@ -138,7 +135,7 @@ def user_reward(completions, answers, prompts, **info):
 
 
 def test_user_reward_by_dotted_path_and_unknown_names(grpo_data, chat_root, tmp_path):
-    assert resolve_reward("test_grpo:user_reward")(["ab", "abc"], ["1", "2"], [[], []]) == [2.0, 3.0]
+    assert resolve_reward(f"{__name__}:user_reward")(["ab", "abc"], ["1", "2"], [[], []]) == [2.0, 3.0]
     with pytest.raises(DogeError, match="unknown reward function 'acuracy'"):
         resolve_reward("acuracy")
     with pytest.raises(DogeError, match="cannot import reward module"):
@@ -171,10 +168,11 @@ def test_grpo_raises_held_out_format_reward(chat_root, tok, tmp_path):
     """A random tiny model emits the thinking tags only by chance; GRPO on the format reward makes them likelier.
     Prompts without the long R1 system prompt keep this fast on CPU."""
     import datasets
-    from chat_fixtures import save
 
     from doge_cli.data.builtin import builtin_dataset
     from doge_cli.data.tokenization import prepare_grpo
+
+    from .chat_fixtures import save
 
     ds = prepare_grpo(builtin_dataset("math-grpo", max_examples=160), tok, 256, system=None)
     data = save(datasets.DatasetDict({"train": ds.select(range(40, len(ds)))}), tmp_path / "short", chat_root / "tokenizer")

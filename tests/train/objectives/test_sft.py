@@ -3,26 +3,17 @@
 import datasets
 import pytest
 import torch
-from chat_fixtures import final_weights, metrics, run_stage
 
 from doge_cli.config import resolve_config
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives import objective_for
 from doge_cli.train.objectives.sft import shift_labels
 
+from .chat_fixtures import built_objective, final_weights, metrics, rows, run_stage
+
 
 def objective(data, init, tmp_path, **extra):
-    from chat_fixtures import overrides
-
-    cfg = resolve_config("sft", hardware="cpu", overrides=overrides(data, tmp_path / "o", init, **extra))
-    obj = objective_for(cfg)
-    obj.setup()
-    return obj
-
-
-def rows(split, idx):
-    part = split[idx]
-    return [{**dict(zip(part, vals)), "_row": i} for i, vals in zip(idx, zip(*part.values()))]
+    return built_objective("sft", data, init, tmp_path, **extra)
 
 
 def test_decoded_targets_are_exactly_the_assistant_turns(sft_data, chat_root, tok, tmp_path):
@@ -112,7 +103,7 @@ def test_conversation_without_assistant_turn_is_a_one_line_error(sft_data, chat_
 
 
 def test_missing_model_is_a_one_line_error(sft_data, tmp_path):
-    from chat_fixtures import overrides
+    from .chat_fixtures import overrides
 
     cfg = resolve_config("sft", hardware="cpu", overrides=overrides(sft_data, tmp_path / "o", "x"))
     cfg.init_from = None
