@@ -49,6 +49,15 @@ def head_dim(config: DogeConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def is_legacy(config: DogeConfig) -> bool:
+    """True for a model loaded from an old small-doge checkpoint (see ``doge_cli.model.hub``).
+
+    Its attention differs from transformers' Doge in two ways: no q/k RMS norms, and ``A`` / ``dt_proj``
+    sized by the query heads, so the dynamic-mask bias is per query head instead of per kv head.
+    """
+    return bool(getattr(config, "small_doge_legacy", False))
+
+
 # ----------------------------------------------------------------------------- norm and rotary
 
 
@@ -147,11 +156,14 @@ class DynamicMaskAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, hq * d, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, hkv * d, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, hkv * d, bias=bias)
-        self.A = nn.Parameter(torch.zeros(hkv))
-        self.dt_proj = nn.Linear(hkv * d, hkv, bias=bias)
+        # Old small-doge checkpoints: one bias per query head and no q/k norms (see is_legacy).
+        self.legacy = is_legacy(config)
+        bias_heads = hq if self.legacy else hkv
+        self.A = nn.Parameter(torch.zeros(bias_heads))
+        self.dt_proj = nn.Linear(hkv * d, bias_heads, bias=bias)
         self.o_proj = nn.Linear(hq * d, config.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(d, config.rms_norm_eps)
-        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        norm = nn.Identity if self.legacy else lambda: RMSNorm(d, config.rms_norm_eps)
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, cos, sin, batch: AttentionBatch, cache: KVCache | None):
         b, t, _ = x.shape
@@ -163,7 +175,12 @@ class DynamicMaskAttention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         # The bias of every key is a function of its value vector (all kv heads feed dt_proj).
         dt = self.dt_proj(v.transpose(1, 2).reshape(b, v.shape[2], -1))
-        bias = torch.exp(self.A * F.softplus(dt)).transpose(1, 2)  # (B, Hkv, Tk)
+        bias = torch.exp(self.A * F.softplus(dt)).transpose(1, 2)  # (B, Hkv, Tk); legacy: (B, Hq, Tk)
+        if self.legacy and self.num_heads != self.num_kv_heads:
+            # A bias per query head: give every query head its own copy of its kv head, so the backend
+            # contract (one bias row per kv head) holds with Hkv = Hq. The cache keeps the unexpanded k/v.
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         kwargs = {"block_mask": batch.block_mask} if self.backend == "flex" else {}
         out = attn_backends.get_backend(self.backend)(
             q, k, v, bias, scale=self.head_dim**-0.5, doc_ids=batch.doc_ids,

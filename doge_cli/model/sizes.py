@@ -33,8 +33,10 @@ def _layer_parameters(config: DogeConfig) -> tuple[int, int]:
     hq, hkv = config.num_attention_heads * d, config.num_key_value_heads * d
     b_attn, b_mlp = int(config.attention_bias), int(config.mlp_bias)
     attn = (h * hq + hq * b_attn) + 2 * (h * hkv + hkv * b_attn) + (hq * h + h * b_attn)
-    attn += hkv * config.num_key_value_heads + config.num_key_value_heads * b_attn  # dt_proj
-    attn += config.num_key_value_heads + 2 * d  # A, q_norm, k_norm
+    legacy = bool(getattr(config, "small_doge_legacy", False))  # old small-doge: bias per query head, no q/k norms
+    bias_heads = config.num_attention_heads if legacy else config.num_key_value_heads
+    attn += hkv * bias_heads + bias_heads * b_attn  # dt_proj
+    attn += bias_heads + (0 if legacy else 2 * d)  # A, q_norm, k_norm
     mlp = 3 * h * i + b_mlp * (2 * i + h)
     total = attn + mlp + 4 * h  # two norms, two residual weight vectors
     active = total

@@ -79,18 +79,6 @@ def test_hub_id_offline_says_so(monkeypatch):
         load_model("SmallDoge/no-such-model-for-tests")
 
 
-def test_old_small_doge_checkpoint_is_refused_clearly(tmp_path):
-    from safetensors.torch import save_file
-
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "config.json").write_text(json.dumps({"model_type": "doge", "dynamic_mask_ratio": 0.0}))
-    save_file({"model.word_embed.weight": torch.zeros(4, 2),
-               "model.layers.0.pre_layernorm.weight": torch.ones(2)}, old / "model.safetensors")
-    with pytest.raises(DogeError, match="old small-doge checkpoint"):
-        load_model(old)
-
-
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     hf_twin(tiny_config()).save_pretrained(tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())

@@ -39,7 +39,7 @@ def load_start_model(config, tokenizer):
     from doge_cli.model import load_model
 
     init = require_init_from(config)
-    model = load_model(init, attn_implementation=config.runtime.attn_implementation)
+    model = load_model(init, attn_implementation=config.runtime.attn_implementation, allow_legacy=False)
     vocab = len(tokenizer)
     if model.config.vocab_size < vocab:
         raise DogeError(f"the tokenizer has {vocab} tokens but model {init} has a vocabulary of "

@@ -129,7 +129,7 @@ class PretrainObjective(Objective):
         cfg = self.config
         vocab = len(self.tokenizer)
         if cfg.init_from:
-            model = load_model(cfg.init_from, attn_implementation=cfg.runtime.attn_implementation)
+            model = load_model(cfg.init_from, attn_implementation=cfg.runtime.attn_implementation, allow_legacy=False)
             if model.config.vocab_size < vocab:
                 raise DogeError(f"the tokenizer has {vocab} tokens but model {cfg.init_from} has a vocabulary of "
                                 f"{model.config.vocab_size}; use the tokenizer the model was trained with")
