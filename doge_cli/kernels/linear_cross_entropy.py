@@ -21,7 +21,7 @@ import torch
 
 from doge_cli.errors import DogeError
 
-__all__ = ["linear_cross_entropy", "linear_logprobs"]
+__all__ = ["linear_cross_entropy", "linear_logprobs", "release_workspace"]
 
 # Logits held per chunk (fp32): 2**24 values = 64 MiB, e.g. 512 tokens of a 32k vocabulary. Larger
 # chunks were no faster on CPU (the three products per chunk dominate) and cost memory.
@@ -64,6 +64,41 @@ def _accumulate_outer(acc: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) ->
         acc.add_(grad.t() @ h)
 
 
+class _Workspace:
+    """Chunk-sized buffers the loss reuses across chunks and calls (one set, for the latest shape).
+
+    Allocating them anew for every chunk is what made the CPU loss slow: a 512 x 32768 fp32 chunk is
+    64 MiB, above glibc's mmap threshold, so every new one arrived as fresh pages the kernel faults in
+    and zeroes (converting a bf16 chunk to fp32 took 21 ms into a new tensor, 3 ms into a reused one,
+    on the 2-core dev machine). The buffers exist at the loss's peak anyway, so keeping them between
+    steps does not raise peak memory.
+    """
+
+    key: tuple | None = None
+    buffers: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def get(cls, rows: int, hidden: torch.Tensor, weight: torch.Tensor, need_grad: bool) -> dict[str, torch.Tensor]:
+        vocab, dim = weight.shape
+        key = (hidden.device, hidden.dtype, rows, vocab, dim, need_grad)
+        if cls.key != key:
+            cls.key, cls.buffers = None, {}  # drop the old set before allocating the new one
+            low = hidden.dtype != torch.float32
+            new = {"fp32": torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)}
+            if low:
+                new["logits"] = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+                if need_grad:
+                    new["grad"] = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+                    new["outer"] = torch.empty(vocab, dim, dtype=hidden.dtype, device=hidden.device)
+            cls.key, cls.buffers = key, new
+        return cls.buffers
+
+
+def release_workspace() -> None:
+    """Free the loss's cached chunk buffers (they are rebuilt on the next call)."""
+    _Workspace.key, _Workspace.buffers = None, {}
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy over valid tokens; gradients are computed during the forward pass.
 
@@ -81,12 +116,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dhidden = torch.empty_like(hidden) if need_grad else None
         # fp32 accumulator: summing many bf16 chunk products in bf16 would lose the small ones.
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        ws = _Workspace.get(min(chunk_size, n), hidden, weight, need_grad)
+        low = hidden.dtype != torch.float32
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end]
             t = safe_targets[start:end]
             v = valid[start:end]
-            logits = (h @ weight.t()).float()
+            logits = ws["fp32"][: end - start]
+            if low:  # the product in the low dtype, then one conversion into the reused fp32 buffer
+                logits.copy_(torch.mm(h, weight.t(), out=ws["logits"][: end - start]))
+            else:
+                torch.mm(h, weight.t(), out=logits)
             # One pass of exp over the chunk serves both the loss and the softmax gradient:
             # shift by the row max in place, exponentiate in place, normalise by the row sum.
             # (torch.softmax with an fp32 upcast measured no faster here.)
@@ -101,9 +142,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 keep = v.to(total.dtype)
                 grad = probs.mul_((keep / total)[:, None])
                 grad.scatter_add_(1, t[:, None], -keep[:, None])
-                grad = grad.to(hidden.dtype)
-                dhidden[start:end] = grad @ weight
-                _accumulate_outer(dweight, grad, h)
+                if low:
+                    grad = ws["grad"][: end - start].copy_(grad)
+                    torch.mm(grad, weight, out=dhidden[start:end])
+                    dweight.add_(torch.mm(grad.t(), h, out=ws["outer"]))
+                else:
+                    torch.mm(grad, weight, out=dhidden[start:end])
+                    dweight.addmm_(grad.t(), h)
         if need_grad:
             ctx.save_for_backward(dhidden, dweight)
             ctx.weight_dtype = weight.dtype

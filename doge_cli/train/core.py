@@ -33,6 +33,7 @@ from doge_cli.config.loader import gradient_accumulation_steps, to_yaml
 from doge_cli.config.schema import StageConfig
 from doge_cli.errors import DogeError
 from doge_cli.train import checkpoint as ckpt
+from doge_cli.train.allocator import keep_large_allocations
 from doge_cli.train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_loss_curve
 from doge_cli.train.objectives.base import Objective
 from doge_cli.train.schedules import lr_multiplier
@@ -66,6 +67,8 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
         state_kwargs = {"cpu": False, "backend": "gloo"}
         device_cpu = False
     state = PartialState(**state_kwargs)
+    if state.device.type == "cpu":
+        keep_large_allocations()  # reuse the step's large tensors instead of page-faulting them anew
     world = state.num_processes
     accum = gradient_accumulation_steps(config, world)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.runtime.precision]

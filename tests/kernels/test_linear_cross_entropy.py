@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from doge_cli.errors import DogeError
+from doge_cli.kernels import linear_cross_entropy as lce
 from doge_cli.kernels.linear_cross_entropy import linear_cross_entropy, linear_logprobs
 
 
@@ -122,3 +123,27 @@ def test_bad_shapes_and_arguments_raise_doge_error():
         linear_cross_entropy(hidden, weight, targets, reduction="none")
     with pytest.raises(DogeError):
         linear_logprobs(hidden, weight, targets, temperature=0.0)
+
+
+def test_chunk_buffers_are_reused_across_calls_and_rebuilt_for_new_shapes():
+    lce.release_workspace()
+    hidden, weight, targets = _inputs(n=40, v=300)
+    ref = F.cross_entropy(hidden @ weight.t(), targets)
+    rdh, rdw = torch.autograd.grad(ref, (hidden, weight))
+    results, pointers = [], []
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_size=16)
+        results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+        pointers.append({k: b.data_ptr() for k, b in lce._Workspace.buffers.items()})
+    assert pointers[0] == pointers[1] and set(pointers[0]) == {"fp32", "logits", "grad", "outer"}
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))  # a reused buffer changes nothing
+    assert abs(results[0][0].item() - ref.item()) <= 2e-2 * ref.item()
+    assert _rel(results[0][1], rdh) <= 5e-2 and _rel(results[0][2], rdw) <= 5e-2
+    # Another shape and dtype in between rebuilds the buffers and stays exact.
+    other_h, other_w, other_t = _inputs(n=9, d=8, v=70, seed=1)
+    got = linear_cross_entropy(other_h, other_w, other_t, chunk_size=4)
+    assert abs(got.item() - F.cross_entropy(other_h @ other_w.t(), other_t).item()) <= 1e-5 * got.item()
+    assert lce._Workspace.buffers["fp32"].shape == (4, 70)
+    lce.release_workspace()
+    assert lce._Workspace.buffers == {}
