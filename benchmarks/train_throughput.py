@@ -13,7 +13,7 @@ forward/backward, optimizer, logging). Reported: median tokens/s over the steps 
 minus the RSS after importing both stacks: model, optimizer state, activations and logits), loss
 at the last step, and the doge/reference ratios.
 
-    python benchmarks/train_throughput.py [--size 20M] [--seq-len 2048] [--steps 12] [--precision bf16]
+    python benchmarks/train_throughput.py [--size 20M] [--seq-len 2048] [--steps 12] [--precision bf16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--attn", default="auto", help="doge attention backend")
+    parser.add_argument("--repeats", type=int, default=1, help="alternating reference/doge rounds (medians)")
     parser.add_argument("--child", choices=["doge", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,30 +194,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root, args.size, args.seq_len, rows=args.steps * args.batch + 8, seed=0)
-        results = {}
-        for side in ("reference", "doge"):
-            cmd = [sys.executable, __file__, "--child", side, "--root", str(root), "--size", args.size,
-                   "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--precision", args.precision, "--attn", args.attn]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DOGE_PLAIN_LOGS": "1"})
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
-            results[side] = json.loads(line[7:])
-    rows = []
-    for side, res in results.items():
-        speed = statistics.median(res["tokens_per_s"][WARMUP:])
-        rows.append((side, speed, res["peak_rss_gb"], res["train_mem_gb"], res["losses"][-1]))
-    ref, doge = rows[0], rows[1]
+        rounds = []
+        for _ in range(args.repeats):  # reference and doge alternate, so slow spells hit both
+            results = {}
+            for side in ("reference", "doge"):
+                cmd = [sys.executable, __file__, "--child", side, "--root", str(root), "--size", args.size,
+                       "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--batch", str(args.batch),
+                       "--precision", args.precision, "--attn", args.attn]
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, "DOGE_PLAIN_LOGS": "1"})
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{side} run failed:\n{proc.stderr[-3000:]}")
+                results[side] = json.loads(line[7:])
+            rounds.append(results)
     print(f"\nDoge-{args.size}, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.precision}, "
-          f"median after {WARMUP} warm-up steps")
-    print("| stack | tokens/s | peak RSS (GB) | training memory (GB) | loss at last step |")
-    print("|---|---|---|---|---|")
-    for side, speed, mem, train_mem, loss in rows:
-        print(f"| {side} | {speed:,.0f} | {mem:.2f} | {train_mem:.2f} | {loss:.4f} |")
-    print("losses per step:", {k: [round(x, 4) for x in v["losses"]] for k, v in results.items()})
-    print(f"| doge / reference | {doge[1] / ref[1]:.2f}x | {doge[2] / ref[2]:.2f}x | {doge[3] / ref[3]:.2f}x | "
-          f"{abs(doge[4] - ref[4]) / ref[4]:.2%} apart |")
+          f"median after {WARMUP} warm-up steps, {args.repeats} alternating round(s)")
+    print("| round | stack | tokens/s | peak RSS (GB) | training memory (GB) | loss at last step |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for i, results in enumerate(rounds, 1):
+        rows = {}
+        for side, res in results.items():
+            rows[side] = (statistics.median(res["tokens_per_s"][WARMUP:]), res["peak_rss_gb"], res["train_mem_gb"],
+                          res["losses"][-1])
+            speed, mem, train_mem, loss = rows[side]
+            print(f"| {i} | {side} | {speed:,.0f} | {mem:.2f} | {train_mem:.2f} | {loss:.4f} |")
+        ref, doge = rows["reference"], rows["doge"]
+        ratios.append((doge[0] / ref[0], doge[1] / ref[1], doge[2] / ref[2], abs(doge[3] - ref[3]) / ref[3]))
+        print(f"| {i} | doge / reference | {ratios[-1][0]:.2f}x | {ratios[-1][1]:.2f}x | {ratios[-1][2]:.2f}x | "
+              f"{ratios[-1][3]:.2%} apart |")
+    print("losses per step (last round):", {k: [round(x, 4) for x in v["losses"]] for k, v in rounds[-1].items()})
+    med = [statistics.median(r[k] for r in ratios) for k in range(4)]
+    print(f"median over rounds, doge / reference: speed {med[0]:.2f}x, peak RSS {med[1]:.2f}x, "
+          f"training memory {med[2]:.2f}x, loss {med[3]:.2%} apart")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,7 @@ class _Workspace:
             new = {"fp32": torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)}
             if low:
                 new["logits"] = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
-                if need_grad:
-                    new["grad"] = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
+                if need_grad:  # the low-dtype gradient reuses "logits" (free once converted to fp32)
                     new["outer"] = torch.empty(vocab, dim, dtype=hidden.dtype, device=hidden.device)
             cls.key, cls.buffers = key, new
         return cls.buffers
@@ -143,7 +142,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = probs.mul_((keep / total)[:, None])
                 grad.scatter_add_(1, t[:, None], -keep[:, None])
                 if low:
-                    grad = ws["grad"][: end - start].copy_(grad)
+                    grad = ws["logits"][: end - start].copy_(grad)
                     torch.mm(grad, weight, out=dhidden[start:end])
                     dweight.add_(torch.mm(grad.t(), h, out=ws["outer"]))
                 else:
