@@ -107,7 +107,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, need_grad):
+    def forward(ctx, hidden, master_weight, targets, ignore_index, chunk_size, need_grad):
+        # The weight is cast here, not by the caller, so its gradient leaves as the fp32 accumulator
+        # itself (no round trip through the compute dtype and back, as autocast's cast would make).
+        weight = master_weight.to(hidden.dtype)
         n = hidden.shape[0]
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
@@ -150,7 +153,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dweight.addmm_(grad.t(), h)
         if need_grad:
             ctx.save_for_backward(dhidden, dweight)
-            ctx.weight_dtype = weight.dtype
+            ctx.weight_dtype = master_weight.dtype
         return loss
 
     @staticmethod
@@ -193,11 +196,9 @@ def linear_cross_entropy(
     dtype = _compute_dtype(hidden, weight)
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(hidden.device.type, enabled=False):
-        # The casts sit outside the Function so autograd carries the gradient back to the
-        # caller's (e.g. fp32 master) dtype.
-        loss = _LinearCrossEntropy.apply(
-            hidden.to(dtype), weight.to(dtype), targets, ignore_index, chunk_size, need_grad
-        )
+        # hidden is cast outside the Function (autograd carries its gradient back to the caller's
+        # dtype); the weight inside it, so the weight gradient is the fp32 accumulator itself.
+        loss = _LinearCrossEntropy.apply(hidden.to(dtype), weight, targets, ignore_index, chunk_size, need_grad)
     if reduction == "mean":
         count = (targets != ignore_index).sum().clamp(min=1)
         loss = loss / count
