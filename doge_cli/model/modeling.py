@@ -3,6 +3,7 @@
 Same parameter names and the same math as transformers' native ``DogeForCausalLM`` (5.24), so
 state_dicts load into either one unchanged. The config object is transformers' ``DogeConfig``.
 Doge: Shi et al. 2024, "Wonderful Matrices" (dynamic mask attention + cross-domain MoE).
+Old small-doge checkpoints run the same classes with ``config.small_doge_legacy`` (see :func:`is_legacy`).
 
 Layout: config checks, RMSNorm, rotary embedding, KV cache, attention, MLP / CDMoE, block, model.
 
