@@ -13,12 +13,14 @@ rejected sequences in one forward (chosen rows first).
 The reference log-probabilities are either those of a frozen copy of the start model
 (``dpo.reference: model``) or computed once, before the first step, for every training pair and
 the evaluated test pairs, and kept as two floats per pair (``precomputed``, the default: no second
-model in memory). The core builds both from the start weights even when it resumes, so a resumed
-run sees the same reference as a straight one.
+model in memory). The precomputation is split across processes and gathered. The core builds
+both from the start weights even when it resumes, so a resumed run sees the same reference as a
+straight one.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -136,21 +138,31 @@ class DPOObjective(Objective):
         n_eval = min(len(self.eval_data), self.config.logging.eval_batches * micro) if self.eval_data else 0
         was_training = model.training
         model.eval()
+        world, rank = accelerator.num_processes, accelerator.process_index
         for split, data, n in (("train", self.train_data, len(self.train_data)), ("eval", self.eval_data, n_eval)):
             if not n:
                 continue
-            out = torch.empty(n, 2)
+            out = torch.zeros(n, 2)
             # Pairs of similar length share a batch, so little compute goes to padding.
             order = torch.argsort(_pair_lengths(data.select(range(n))), stable=True).tolist()
             chunk = max(micro, 16)
-            for lo in range(0, n, chunk):
+            starts = list(range(0, n, chunk))
+            # Process r takes chunks r, r + world, ...; all processes run the same number of forward
+            # passes (ZeRO-3 gathers weights collectively), a short one repeating its first chunk
+            # without keeping it. Every row is filled by exactly one process, so a sum gathers them.
+            for step in range(math.ceil(len(starts) / world)):
+                mine = step * world + rank
+                lo = starts[mine] if mine < len(starts) else starts[0]
                 index = order[lo:lo + chunk]
                 part = data[index]
                 rows = [dict(zip(part, vals)) for vals in zip(*part.values())]
                 batch = {k: v.to(accelerator.device) for k, v in self.collate(rows).items()}
                 with torch.no_grad(), accelerator.autocast():
                     chosen, rejected = self._sequence_logps(model, batch)
-                out[index, 0], out[index, 1] = chosen.float().cpu(), rejected.float().cpu()
+                if mine < len(starts):
+                    out[index, 0], out[index, 1] = chosen.float().cpu(), rejected.float().cpu()
+            if world > 1:
+                out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
             self.ref_logps[split] = out
         model.train(was_training)
 

@@ -10,7 +10,7 @@ import torch
 from doge_cli.config import resolve_config
 from doge_cli.errors import DogeError
 
-from .chat_fixtures import built_objective, final_weights, metrics, rows, run_stage
+from .chat_fixtures import built_objective, final_weights, metrics, overrides, rows, run_stage
 
 
 def objective(data, init, tmp_path, **extra):
@@ -135,3 +135,66 @@ def test_prompt_limit_must_leave_room_for_the_reply():
 
     with pytest.raises((ConfigError, DogeError), match="max_prompt_length"):
         resolve_config("dpo", hardware="cpu", overrides=["dpo.max_length=64", "dpo.max_prompt_length=64"])
+
+
+def test_two_process_ddp_matches_one_process(dpo_data, chat_root, tmp_path):
+    """The precomputed reference is split across processes and gathered; the run equals one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    runs = {}
+    for name, launcher in (("one", None), ("two", "ddp_cpu.yaml")):
+        out = tmp_path / name
+        args = [sys.executable, "-m", "doge_cli", "train", "dpo", "--hardware", "cpu",
+                *overrides(dpo_data, out, chat_root / "start", steps=4, **{"logging.eval_every": 4})]
+        if launcher:
+            args += ["--accelerate-config", str(root / "configs" / "accelerate" / launcher)]
+        result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=root, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+        if launcher:
+            assert "x 2 processes" in result.stdout, result.stdout
+    for key in ("loss", "rewards/margins"):
+        assert [r[key] for r in runs["two"]] == pytest.approx([r[key] for r in runs["one"]], rel=1e-4, abs=1e-6), key
+    assert runs["two"][-1]["eval_loss"] == pytest.approx(runs["one"][-1]["eval_loss"], rel=1e-4)
+
+
+def test_precomputed_reference_is_split_between_processes(dpo_data, chat_root, tmp_path):
+    """Each of 2 processes runs half of the forward passes (the same count), and their sum is the table."""
+    from contextlib import nullcontext
+
+    class Process:
+        def __init__(self, rank, world):
+            self.process_index, self.num_processes, self.device = rank, world, torch.device("cpu")
+            self.reduced = None
+
+        def autocast(self):
+            return nullcontext()
+
+        def reduce(self, tensor, reduction):
+            assert reduction == "sum"
+            self.reduced = tensor
+            return tensor
+
+    def table(rank, world):
+        obj = built_objective("dpo", dpo_data, chat_root / "start", tmp_path, **{"logging.eval_batches": 2})
+        model = obj.build_model()
+        calls = []
+        forward = model.forward
+        model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+        obj.after_prepare(model, Process(rank, world))
+        return obj.ref_logps, len(calls)
+
+    single, n_single = table(0, 1)
+    (part0, n0), (part1, n1) = table(0, 2), table(1, 2)
+    assert n0 == n1 and n0 < n_single
+    for split in ("train", "eval"):
+        both = part0[split] + part1[split]
+        assert torch.allclose(both, single[split], rtol=1e-5, atol=1e-6), split
+        # Each row came from exactly one process: the other holds a zero there.
+        assert bool(((part0[split] == 0) ^ (part1[split] == 0)).all())
