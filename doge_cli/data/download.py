@@ -17,8 +17,17 @@ from doge_cli.data.schema import STAGES, normalize
 from doge_cli.data.storage import save_dataset
 from doge_cli.errors import DogeError
 
+# The seed's pretraining mixture without python-edu: smollm-corpus's python-edu rows hold only Software
+# Heritage blob ids; the code itself sits in Software Heritage's S3 bucket, one object per file, which
+# the seed fetched with boto3. doge does not fetch it; a copy with text is added with --local.
+NOT_ON_THE_HUB = {
+    "python-edu": "smollm-corpus's python-edu rows hold only Software Heritage blob ids (the code is in "
+                  "Software Heritage's S3 bucket), so doge does not download it; fetch the files yourself and add "
+                  "them with `doge data download --local DIR --stage pt --name python-edu`",
+}
+
 RECIPES: dict[str, tuple[str, ...]] = {
-    "pretrain": ("fineweb-edu-dedup", "cosmopedia-v2", "python-edu", "finemath"),
+    "pretrain": ("fineweb-edu-dedup", "cosmopedia-v2", "finemath"),
     "sft": ("smoltalk",),
     "dpo": ("ultrafeedback_binarized",),
     "r1": ("bespoke-stratos-17k", "numinamath-tir"),
@@ -34,6 +43,8 @@ def _pick(recipe: str, sources: list[str] | None) -> list[str]:
     if not sources:
         return names
     unknown = [s for s in sources if s not in names]
+    if unknown and unknown[0] in NOT_ON_THE_HUB:
+        raise DogeError(NOT_ON_THE_HUB[unknown[0]])
     if unknown:
         raise DogeError(f"recipe {recipe} has no source {unknown[0]!r}; its sources: {', '.join(names)}")
     return [n for n in names if n in sources]

@@ -37,7 +37,6 @@ HUB_SOURCES: dict[str, HubSource] = {
     for s in (
         HubSource("fineweb-edu-dedup", "pt", "HuggingFaceTB/smollm-corpus", "fineweb-edu-dedup", licence="ODC-By 1.0"),
         HubSource("cosmopedia-v2", "pt", "HuggingFaceTB/smollm-corpus", "cosmopedia-v2", licence="ODC-By 1.0"),
-        HubSource("python-edu", "pt", "HuggingFaceTB/smollm-corpus", "python-edu", licence="ODC-By 1.0"),
         HubSource("finemath", "pt", "HuggingFaceTB/finemath", "finemath-4plus", licence="ODC-By 1.0"),
         HubSource("smoltalk", "sft", "HuggingFaceTB/smoltalk", "all", licence="Apache-2.0"),
         HubSource("ultrafeedback_binarized", "dpo", "HuggingFaceH4/ultrafeedback_binarized", None, "train_prefs",

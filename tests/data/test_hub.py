@@ -102,3 +102,14 @@ def test_hub_id_while_offline_names_quickstart(tmp_path, monkeypatch):
     with pytest.raises(DogeError, match="has no source"):
         download_recipe("sft", tmp_path / "ds", sources=["nope"])
     assert not (tmp_path / "ds" / "sft").exists()
+
+
+def test_python_edu_is_left_out_of_the_pretrain_recipe_and_says_why(tmp_path):
+    """smollm-corpus python-edu has no text column (only Software Heritage blob ids): the recipe skips it
+    instead of failing after the first sources, and asking for it explains where its code lives."""
+    from doge_cli.data.download import RECIPES
+
+    assert "python-edu" not in RECIPES["pretrain"]
+    with pytest.raises(DogeError, match="blob ids.*--local"):
+        download_recipe("pretrain", tmp_path / "ds", sources=["python-edu"])
+    assert not (tmp_path / "ds").exists()
