@@ -23,7 +23,7 @@ from doge_cli.errors import DogeError
 NOT_ON_THE_HUB = {
     "python-edu": "smollm-corpus's python-edu rows hold only Software Heritage blob ids (the code is in "
                   "Software Heritage's S3 bucket), so doge does not download it; fetch the files yourself and add "
-                  "them with `doge data download --local DIR --stage pt --name python-edu`",
+                  "them (jsonl or parquet with a text column) with `doge data download --local FILE --stage pt --name python-edu`",
 }
 
 RECIPES: dict[str, tuple[str, ...]] = {
