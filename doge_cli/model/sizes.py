@@ -6,6 +6,8 @@ import math
 
 from transformers import DogeConfig
 
+from doge_cli.model.modeling import head_dim, is_legacy
+
 # The SmallDoge training guide's table: (layers, hidden, intermediate, heads, kv heads);
 # vocab 32768, tied embeddings, 2048 positions. Parameter counts 13M / 54M / 152M / 335M.
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -29,11 +31,11 @@ def size_config(name: str, **overrides) -> DogeConfig:
 def _layer_parameters(config: DogeConfig) -> tuple[int, int]:
     """(all parameters of one decoder layer, those a token actually multiplies with)."""
     h, i = config.hidden_size, config.intermediate_size
-    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    d = head_dim(config)
     hq, hkv = config.num_attention_heads * d, config.num_key_value_heads * d
     b_attn, b_mlp = int(config.attention_bias), int(config.mlp_bias)
     attn = (h * hq + hq * b_attn) + 2 * (h * hkv + hkv * b_attn) + (hq * h + h * b_attn)
-    legacy = bool(getattr(config, "small_doge_legacy", False))  # old small-doge: bias per query head, no q/k norms
+    legacy = is_legacy(config)  # old small-doge: bias per query head, no q/k norms
     bias_heads = config.num_attention_heads if legacy else config.num_key_value_heads
     attn += hkv * bias_heads + bias_heads * b_attn  # dt_proj
     attn += bias_heads + (0 if legacy else 2 * d)  # A, q_norm, k_norm
@@ -67,6 +69,6 @@ def training_flops_per_token(config: DogeConfig, seq_len: int) -> int:
     convention of Kaplan et al. 2020 and the PaLM paper's MFU, Chowdhery et al. 2022, App. B).
     """
     _, active = _layer_parameters(config)
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    d = head_dim(config)
     n = config.num_hidden_layers * active + config.hidden_size + config.vocab_size * config.hidden_size
     return 6 * n + 12 * config.num_hidden_layers * config.num_attention_heads * d * seq_len
