@@ -1,6 +1,10 @@
 """Tiny tokenizer + packed pretraining data built in-process (no hub, no doge data dependency)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +81,18 @@ def tiny_overrides(data_path, out, steps=20, **extra):
     }
     over.update(extra)
     return [f"{k}={v}" for k, v in over.items()]
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def launch_train(stage, overrides, out, accelerate_config=None):
+    """``python -m doge_cli train STAGE`` in a subprocess (optionally under an accelerate launcher from
+    configs/accelerate/); returns its stdout and the records of ``out/metrics.jsonl``."""
+    env = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [sys.executable, "-m", "doge_cli", "train", stage, "--hardware", "cpu", *overrides]
+    if accelerate_config:
+        args += ["--accelerate-config", str(ROOT / "configs" / "accelerate" / accelerate_config)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, [json.loads(ln) for ln in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -1,29 +1,15 @@
 """Multi-process runs through accelerate (gloo on CPU) against the 1-process run: DDP, ZeRO-2, ZeRO-3."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import tiny_overrides
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+from .conftest import launch_train, tiny_overrides
 
 
 def doge_train(pt_data, out, accelerate_config=None):
-    args = [sys.executable, "-m", "doge_cli", "train", "pt", "--hardware", "cpu",
-            *tiny_overrides(pt_data, out, steps=4, **{"runtime.micro_batch_size": 1, "logging.eval_every": 4})]
-    if accelerate_config:
-        args += ["--accelerate-config", str(ROOT / "configs" / "accelerate" / accelerate_config)]
-    result = subprocess.run(args, env=ENV, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout, [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    overrides = tiny_overrides(pt_data, out, steps=4, **{"runtime.micro_batch_size": 1, "logging.eval_every": 4})
+    return launch_train("pt", overrides, out, accelerate_config)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from doge_cli.config import resolve_config
 from doge_cli.errors import DogeError
 
+from ..conftest import launch_train
 from .chat_fixtures import built_objective, final_weights, metrics, overrides, rows, run_stage
 
 
@@ -139,26 +140,13 @@ def test_prompt_limit_must_leave_room_for_the_reply():
 
 def test_two_process_ddp_matches_one_process(dpo_data, chat_root, tmp_path):
     """The precomputed reference is split across processes and gathered; the run equals one process."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "DOGE_PLAIN_LOGS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     runs = {}
     for name, launcher in (("one", None), ("two", "ddp_cpu.yaml")):
         out = tmp_path / name
-        args = [sys.executable, "-m", "doge_cli", "train", "dpo", "--hardware", "cpu",
-                *overrides(dpo_data, out, chat_root / "start", steps=4, **{"logging.eval_every": 4})]
+        stdout, runs[name] = launch_train("dpo", overrides(dpo_data, out, chat_root / "start", steps=4,
+                                                           **{"logging.eval_every": 4}), out, launcher)
         if launcher:
-            args += ["--accelerate-config", str(root / "configs" / "accelerate" / launcher)]
-        result = subprocess.run(args, env=env, capture_output=True, text=True, cwd=root, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-        if launcher:
-            assert "x 2 processes" in result.stdout, result.stdout
+            assert "x 2 processes" in stdout, stdout
     for key in ("loss", "rewards/margins"):
         assert [r[key] for r in runs["two"]] == pytest.approx([r[key] for r in runs["one"]], rel=1e-4, abs=1e-6), key
     assert runs["two"][-1]["eval_loss"] == pytest.approx(runs["one"][-1]["eval_loss"], rel=1e-4)
@@ -171,14 +159,12 @@ def test_precomputed_reference_is_split_between_processes(dpo_data, chat_root, t
     class Process:
         def __init__(self, rank, world):
             self.process_index, self.num_processes, self.device = rank, world, torch.device("cpu")
-            self.reduced = None
 
         def autocast(self):
             return nullcontext()
 
         def reduce(self, tensor, reduction):
             assert reduction == "sum"
-            self.reduced = tensor
             return tensor
 
     def table(rank, world):
