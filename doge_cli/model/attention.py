@@ -120,21 +120,24 @@ def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None,
     q2 = torch.cat([q, q.new_full((b, hq, q_len, 1), 1.0 / scale), q.new_zeros(b, hq, q_len, pad - 1)], dim=-1)
     k2 = torch.cat([k, bias.unsqueeze(-1).to(k.dtype), k.new_zeros(b, hkv, k_len, pad - 1)], dim=-1)
     v2 = torch.cat([v, v.new_zeros(b, hkv, k_len, pad)], dim=-1)
-    if groups > 1:
-        # Each query head gets its kv head explicitly (a view when there is one kv head) instead of
-        # enable_gqa: CPU flash attention's GQA backward measured 10-20 ms per layer slower at
-        # Doge-20M's 2048 x (2 query, 1 kv) heads than the same kernel on expanded k/v.
+    gqa = groups > 1
+    if gqa and q_len > 1:
+        # Training and prefill: each query head gets its kv head explicitly (a view when there is one
+        # kv head) instead of enable_gqa, whose CPU flash backward measured 10-30 ms per layer slower at
+        # Doge-20M's 2048 x (2 query, 1 kv) heads. Decoding (one query) keeps enable_gqa: there the
+        # expansion would copy the whole cache every token (8x slower at 8/4 heads, 2048 keys).
         k2, v2 = (x[:, :, None].expand(b, hkv, groups, k_len, d + pad).reshape(b, hq, k_len, d + pad)
                   for x in (k2, v2))
+        gqa = False
     if doc_ids is None and key_padding_mask is None and q_len == k_len:
-        out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale, enable_gqa=gqa)
         return out[..., :d]
     allowed = allowed_keys(q_len, k_len, doc_ids, key_padding_mask, q.device)  # (B|1, 1, Tq, Tk)
     has_key = allowed.any(dim=-1, keepdim=True)
     # A query with no allowed key (left padding) attends to the last key instead of producing NaN;
     # its output is zeroed below, so neither the value nor any gradient leaks.
     allowed = allowed | (~has_key & (torch.arange(k_len, device=q.device) == k_len - 1))
-    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=allowed, scale=scale)
+    out = F.scaled_dot_product_attention(q2, k2, v2, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     return out[..., :d] * has_key.to(out.dtype)
 
 
