@@ -51,12 +51,30 @@ def root(
 
 
 def run(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Every user mistake ends in at most two lines on stderr and exit code 2: a :class:`DogeError`
+    (bad config, data, path, checkpoint) as ``doge: error: ...``; a usage error Typer finds (unknown
+    option, text for a number, missing argument) as that line plus a pointer to ``--help``, instead
+    of Typer's boxed usage panel.
+    """
     try:
-        app(args=argv, prog_name="doge")
+        code = app(args=argv, prog_name="doge", standalone_mode=False)
     except DogeError as err:
         print(f"doge: error: {err}", file=sys.stderr)
         sys.exit(DogeError.exit_code)
+    except typer.TyperException as err:  # click's ClickException family (usage errors, bad values)
+        message = " ".join(err.format_message().split())
+        if message:  # empty for a group called without a command: its help was printed already
+            print(f"doge: error: {message}", file=sys.stderr)
+            ctx = getattr(err, "ctx", None)
+            path = ctx.command_path if ctx is not None else "doge"
+            print(f"Try '{path} --help' for help.", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except (typer.Abort, EOFError):
+        print("doge: aborted", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("doge: interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -11,9 +11,10 @@ defaults < the size preset < the hardware preset < a YAML recipe < command-line 
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -31,6 +32,8 @@ class Section(BaseModel):
         use_attribute_docstrings=True,
         validate_assignment=True,
         protected_namespaces=(),
+        # An infinite learning rate or a NaN weight is never meant: refuse them like any bad value.
+        allow_inf_nan=False,
     )
 
 
@@ -74,6 +77,14 @@ class ModelConfig(Section):
     router_aux_loss_coef: float = Field(0.0, ge=0)
     """Weight of the CDMoE router load-balancing loss; 0 for dense models (a non-zero value on a
     dense model makes TRL ask for router logits that do not exist)."""
+
+    @field_validator("rope_scaling")
+    @classmethod
+    def _finite_scaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, item in (value or {}).items():
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"rope_scaling.{key} must be a finite number")
+        return value
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:

@@ -56,3 +56,19 @@ def test_importing_the_cli_does_not_import_heavy_libraries():
 def test_help_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "doge_cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "config" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "pt", "--bogus"], "No such option: --bogus"),
+    (["eval", "--batch-size", "many"], "Invalid value for '--batch-size'"),
+    (["chat"], "Missing argument 'model'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_are_two_lines_and_exit_2(capsys, argv, message):
+    from .helpers import run_doge
+
+    code, out, err = run_doge(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == ""
+    assert len(lines) == 2 and message in lines[0] and lines[0].startswith("doge: error: ")
+    assert lines[1].startswith("Try '") and lines[1].endswith("--help' for help.")

@@ -166,3 +166,17 @@ def test_explain_documents_every_key():
         if lines[i - 1].strip().startswith("- ") or key_line.startswith("  " * 3):
             continue  # items inside a list of rewards
         assert lines[i - 1].lstrip().startswith("#"), key_line
+
+
+@pytest.mark.parametrize("override", ["optim.lr=.inf", "optim.lr=nan", "optim.max_grad_norm=inf",
+                                      "schedule.warmup_ratio=.nan", "model.rope_scaling={factor: .inf}"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match="finite"):
+        resolve_config("pt", hardware="cpu", overrides=[override])
+
+
+def test_non_finite_reward_weight_is_refused(tmp_path):
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text("grpo:\n  rewards:\n    - {name: accuracy, weight: .inf}\n")
+    with pytest.raises(ConfigError, match="grpo.rewards.0.weight.*finite"):
+        resolve_config("grpo", hardware="cpu", recipe=recipe)
