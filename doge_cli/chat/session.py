@@ -210,7 +210,7 @@ class ChatSession:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the conversation as JSON (system turn first), atomically."""
-        from doge_cli.data.storage import write_json
+        from doge_cli.io import write_json
 
         path = Path(path).expanduser()
         if path.is_dir():

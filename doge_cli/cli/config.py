@@ -23,7 +23,8 @@ def config_show(
     save: Annotated[str | None, typer.Option("--save", help="Also write the YAML to this file.")] = None,
 ) -> None:
     """Print the fully resolved config of STAGE as YAML (what `doge train STAGE` would run)."""
-    from doge_cli.config.loader import resolve_config, summary_lines, to_yaml, write_text_atomic
+    from doge_cli.config.loader import resolve_config, summary_lines, to_yaml
+    from doge_cli.io import write_text_atomic
 
     recipe, overrides = split_recipe_and_overrides(args)
     config = resolve_config(stage, size=size, hardware=hardware, recipe=recipe, overrides=overrides)

@@ -99,16 +99,15 @@ def data_tokenize(
 ) -> None:
     """Tokenize each stage's sources into <datasets-dir>/tokenized/<stage>/<source>/ (cached)."""
     from doge_cli.data.schema import STAGES
-    from doge_cli.data.tokenization import tokenize_stage
+    from doge_cli.data.tokenization import tokenize_stages
     from doge_cli.errors import DogeError
 
     _quiet()
     stages = stage or [s for s in STAGES if (datasets_dir / s).is_dir()]
     if not stages:
         raise DogeError(f"no stage folders under {datasets_dir}; run `doge data download` first")
-    for s in stages:
-        tokenize_stage(tokenizer, datasets_dir, s, max_length, sources=source, pack=pack, identity=identity,
-                       num_proc=num_proc, log=typer.echo)
+    tokenize_stages(tokenizer, datasets_dir, stages, max_length, sources=source, pack=pack, identity=identity,
+                    num_proc=num_proc, log=typer.echo)
 
 
 @app.command("merge")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -300,21 +299,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    target = Path(path)
-    if target.is_dir():
-        raise DogeError(f"{target} is a folder; give a file path such as {target / 'config.yaml'}")
-    parent = target.parent
-    if not parent.exists():
-        raise DogeError(f"folder {parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise DogeError(f"could not write {target}: {err.strerror or err}") from None

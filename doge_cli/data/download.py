@@ -7,6 +7,7 @@ Each source lands at ``<save_dir>/<stage>/<source>/`` (``datasets.save_to_disk``
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from doge_cli.data.hub import HUB_SOURCES, load_hub_source
 from doge_cli.data.schema import STAGES, normalize
 from doge_cli.data.storage import save_dataset
 from doge_cli.errors import DogeError
+from doge_cli.io import check_component, check_replaceable
 
 # The seed's pretraining mixture without python-edu: smollm-corpus's python-edu rows hold only Software
 # Heritage blob ids; the code itself sits in Software Heritage's S3 bucket, one object per file, which
@@ -67,6 +69,9 @@ def download_recipe(
     if max_examples is not None and max_examples <= 0:
         raise DogeError("--max-examples must be positive")
     save_dir = Path(save_dir)
+    for name in names:  # before any download: a destination doge may not replace fails now, not later
+        stage = BUILTIN_SOURCES[name].stage if name in BUILTIN_SOURCES else HUB_SOURCES[name].stage
+        check_replaceable(save_dir / stage / name, f"source folder of {name}")
     manifests = []
     for name in names:
         if name in BUILTIN_SOURCES:
@@ -112,14 +117,20 @@ def import_local(
     if stage not in STAGES:
         raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
     path = Path(path)
+    if name is None:  # the file's name, made a plain folder name
+        name = re.sub(r"[^\w.+@=-]+", "-", path.resolve().stem).strip("-.") or "local"
+    name = check_component(name, "--name")
+    if max_examples is not None and max_examples <= 0:
+        raise DogeError("--max-examples must be positive")
+    dest = Path(save_dir) / stage / name
+    check_replaceable(dest, f"source folder {stage}/{name}")
     raw = load_local(path)
     if max_examples is not None:
         raw = raw.select(range(min(max_examples, len(raw))))
     ds = normalize(raw, stage, fields, where=str(path))
     if len(ds) == 0:
         raise DogeError(f"{path}: no usable rows (all empty after mapping the fields)")
-    name = name or path.stem
-    manifest = save_dataset(ds, save_dir / stage / name, stage=stage, source=f"local:{path.resolve()}",
+    manifest = save_dataset(ds, dest, stage=stage, source=f"local:{path.resolve()}",
                             extra={"fields": fields or {}})
     log(f"{stage}/{name}: {manifest['rows']:,} rows, {manifest['bytes'] / 2**20:.1f} MiB")
     return manifest

@@ -54,6 +54,17 @@ def check_utf8(path: Path) -> None:
             raise DogeError(f"{path}:{line}: text is not UTF-8 (truncated character at the end)") from err
 
 
+def check_json_lines(path: Path) -> None:
+    """Every non-blank line of a JSON Lines file must be an object (a row); a bare array or scalar would
+    otherwise be read as rows of an invented column."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            first = line.lstrip()[:1]
+            if first and first != b"{":
+                raise DogeError(f"{path}:{n}: each JSON line must be an object such as {{\"text\": \"...\"}}; "
+                                "fix or remove that line")
+
+
 def _find_bad_json(path: Path) -> DogeError | None:
     if path.suffix == ".json":
         try:
@@ -82,7 +93,11 @@ def load_local(path: Path):
     if builder != "parquet":
         for f in files:
             check_utf8(f)
+            if f.suffix == ".jsonl":
+                check_json_lines(f)
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # its loaders log a parse failure before raising; we say it once
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors; find the line ourselves
@@ -92,6 +107,8 @@ def load_local(path: Path):
                 if bad is not None:
                     raise bad from err
         raise DogeError(f"cannot read {path} as {builder}: {' '.join(str(err).split())[:200]}") from err
+    finally:
+        datasets.logging.set_verbosity(verbosity)
     if len(ds) == 0:
         raise DogeError(f"{path} holds no rows")
     return ds

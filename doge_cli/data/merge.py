@@ -11,14 +11,18 @@ manifest.json with the rows taken from each source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from doge_cli.data.schema import STAGES
-from doge_cli.data.storage import atomic_dir, folder_bytes, read_manifest, write_json
+from doge_cli.data.storage import folder_bytes, read_manifest
 from doge_cli.errors import DogeError
+from doge_cli.io import atomic_dir, check_replaceable, write_json
+
+MAX_PASSES = 1000  # --train-examples beyond this many passes over the data is a typo, not a plan
 
 # The seed's pretraining mixture; builtin sources get weights by how much text they hold.
 DEFAULT_RATIOS: dict[str, float] = {
@@ -42,7 +46,7 @@ def parse_ratios(items: list[str] | None) -> dict[str, float]:
             weight = float(value)
         except ValueError:
             weight = -1.0
-        if not sep or not name or weight < 0:
+        if not sep or not name or not math.isfinite(weight) or weight < 0:
             raise DogeError(f"bad --ratio {item!r}; write name=weight, e.g. --ratio fineweb-edu-dedup=7")
         out[name] = weight
     return out
@@ -89,17 +93,30 @@ def merge_stage(
         raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
     if test_examples < 0 or (train_examples is not None and train_examples <= 0):
         raise DogeError("--train-examples must be positive and --test-examples not negative")
+    out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage
+    check_replaceable(out, "merge output")
     base = Path(datasets_dir) / "tokenized" / stage
     dirs = sorted(p for p in base.glob("*") if (p / "state.json").is_file())
     if not dirs:
         raise DogeError(f"no tokenized {stage} data under {base}; run `doge data tokenize --stage {stage}` first")
-    parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
-    # Sources tokenized by different tokenizers (or settings) cannot share a model.
-    made_with = {p.name: (read_manifest(p) or {}) for p in dirs}
-    tokenizers = {m.get("tokenizer") for m in made_with.values()}
-    if len(tokenizers) > 1:
-        raise DogeError(f"the tokenized {stage} sources were made with different tokenizers ({', '.join(sorted(map(str, tokenizers)))}); "
+    made_with = {p.name: read_manifest(p) for p in dirs}
+    broken = [name for name, m in made_with.items() if not m or not isinstance(m.get("cache_key"), dict)]
+    if broken:
+        raise DogeError(f"{base / broken[0]} has no readable manifest from `doge data tokenize`; "
+                        f"re-run `doge data tokenize --stage {stage}`")
+    # Sources tokenized by different tokenizers or at different lengths cannot share a model. A
+    # tokenizer is identified by its fingerprint (vocabulary, merges, specials, template), not its path.
+    fingerprints = {m["cache_key"].get("tokenizer") for m in made_with.values()}
+    if len(fingerprints) > 1:
+        by = ", ".join(f"{n}: {m.get('tokenizer')} ({m['cache_key'].get('tokenizer')})" for n, m in made_with.items())
+        raise DogeError(f"the tokenized {stage} sources were made with different tokenizers ({by}); "
                         f"re-run `doge data tokenize --stage {stage}` with one tokenizer")
+    lengths = {m["cache_key"].get("max_length") for m in made_with.values()}
+    if len(lengths) > 1:
+        raise DogeError(f"the tokenized {stage} sources were made with different --max-length values "
+                        f"({', '.join(map(str, sorted(lengths, key=str)))}); re-run `doge data tokenize --stage {stage}` "
+                        "with one --max-length")
+    parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
     ratios = dict(ratios or {})
     unknown = [n for n in ratios if n not in parts]
     if unknown:
@@ -111,6 +128,9 @@ def merge_stage(
     if not sizes or sum(weights[n] for n in sizes) <= 0:
         raise DogeError("every ratio is 0; give at least one source a positive weight")
     share = {n: weights[n] / sum(weights[m] for m in sizes) for n in sizes}
+    if train_examples is not None and train_examples > MAX_PASSES * sum(sizes.values()):
+        raise DogeError(f"--train-examples {train_examples:,} would repeat the {sum(sizes.values()):,} available rows "
+                        f"more than {MAX_PASSES} times; lower it (or add data)")
     if train_examples is None:
         # The largest mixture in which no source repeats (test rows included).
         total = int(min(sizes[n] / share[n] for n in sizes))
@@ -139,11 +159,11 @@ def merge_stage(
     train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
     test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
     merged = datasets.DatasetDict({"train": train, "test": test})
-    out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage
+    first = next(iter(made_with.values()))
     manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used,
-                "tokenizer": next(iter(tokenizers)),
-                "max_length": next(iter(made_with.values())).get("max_length")}
-    with atomic_dir(out) as tmp:
+                "tokenizer": first.get("tokenizer"), "tokenizer_fingerprint": first["cache_key"].get("tokenizer"),
+                "max_length": first["cache_key"].get("max_length")}
+    with atomic_dir(out, kind=f"merged {stage} dataset") as tmp:
         merged.save_to_disk(str(tmp))
         manifest["bytes"] = folder_bytes(tmp)
         write_json(tmp / "manifest.json", manifest)

@@ -119,8 +119,25 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
             )
         return None
 
+    def require_text(canonical: str, name: str | None, *, messages_ok: bool = False) -> None:
+        """A column meant to hold text must be stored as text (or chat messages where those are allowed)."""
+        if name is None:
+            return
+        feature = ds.features[name]
+        dtype = getattr(feature, "dtype", None)
+        if dtype in ("string", "large_string"):
+            return
+        mixed = type(feature).__name__ == "Json"  # datasets' type for a column whose rows differ in type
+        if messages_ok and (mixed or (dtype is None and hasattr(feature, "feature"))):
+            return  # chat messages (a list per row): each row is checked when it is read
+        kind = "mixed (not only text)" if mixed else (dtype if dtype not in (None, "list") else "list")
+        raise DogeError(f"{where}: field {name!r} (the {canonical}) holds {kind} values, not text; map a text "
+                        f"column with --{canonical}-field or fix the file")
+
     if stage == "pt":
         text, prompt = column("text", fallbacks=("content",)), column("prompt", required=False)
+        require_text("text", text)
+        require_text("prompt", prompt)
 
         def fn(b):
             out = {"text": ["" if t is None else str(t) for t in b[text]]}
@@ -134,6 +151,8 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
         prompt = answer = None
         if msgs is None:
             prompt, answer = column("prompt"), column("answer", fallbacks=("response", "completion"))
+            require_text("prompt", prompt)
+            require_text("answer", answer)
         system = "system" if "system" in cols else None
 
         def fn(b):
@@ -152,6 +171,8 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
         keep = "messages"
     elif stage == "dpo":
         prompt, chosen, rejected = column("prompt"), column("chosen"), column("rejected")
+        for canonical, name in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            require_text(canonical, name, messages_ok=True)
 
         def fn(b):
             n = len(b[prompt])
@@ -165,6 +186,7 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
     else:  # grpo
         prompt = column("prompt", fallbacks=("problem", "question"))
         answer = column("answer", fallbacks=("solution",))
+        require_text("prompt", prompt, messages_ok=True)  # answers may be numbers: they are compared as text
 
         def fn(b):
             prompts, answers = [], []

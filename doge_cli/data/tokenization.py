@@ -200,10 +200,48 @@ def prepare_grpo(raw, tok, max_length: int, *, system: str | None):
 # ------------------------------------------------------------------------------- driver
 
 
-def tokenize_stage(
+MAX_LENGTH_LIMIT = 1 << 20  # tokens per row; far beyond any Doge context (the seed uses 2,048)
+PROBE_ROWS = 256  # rows tokenized per source before anything is written, to catch an empty result early
+
+
+def check_max_length(max_length: int) -> None:
+    if max_length < 16:
+        raise DogeError("--max-length must be at least 16")
+    if max_length > MAX_LENGTH_LIMIT:
+        raise DogeError(f"--max-length {max_length:,} is beyond any Doge context; choose at most {MAX_LENGTH_LIMIT:,} "
+                        "(the seed uses 2048)")
+
+
+def load_data_tokenizer(tokenizer: str):
+    """The tokenizer for ``doge data tokenize``: it needs distinct pad and eos tokens and a chat template."""
+    from doge_cli.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    if tok.pad_token_id is None or tok.eos_token_id is None or not tok.chat_template:
+        raise DogeError(f"tokenizer {tokenizer!r} lacks a pad token, an eos token or a chat template; "
+                        "use one made by `doge data train-tokenizer`")
+    return tok
+
+
+def _tokenize(stage: str, raw, tok, max_length: int, *, system, identity, pack, num_proc, progress):
+    if stage == "pt":
+        return tokenize_pt(raw, tok, max_length, identity=identity, progress=progress)
+    if stage in ("sft", "r1"):
+        return tokenize_chat(raw, tok, max_length, system=system, pack=pack, num_proc=num_proc)
+    if stage == "dpo":
+        return tokenize_dpo(raw, tok, max_length, system=system, num_proc=num_proc)
+    return prepare_grpo(raw, tok, max_length, system=system)
+
+
+def _empty_result_error(stage: str, name: str, max_length: int) -> DogeError:
+    return DogeError(f"{stage}/{name}: nothing left after tokenizing (every row was dropped: no assistant reply "
+                     f"or a prompt too long within --max-length {max_length}); raise --max-length")
+
+
+def tokenize_stages(
     tokenizer: str,
     datasets_dir: Path,
-    stage: str,
+    stages: list[str],
     max_length: int,
     *,
     sources: list[str] | None = None,
@@ -213,55 +251,74 @@ def tokenize_stage(
     progress: bool = True,
     log: Callable[[str], None] = lambda _m: None,
 ) -> list[dict]:
-    """Tokenize every source of ``stage``; returns one manifest per source (``cached`` says reused)."""
+    """Tokenize every source of every stage in ``stages``, after checking all of them first.
+
+    Everything a user can get wrong is found before the first source is written: unknown stages or
+    sources, a bad ``max_length``, the tokenizer, destinations doge may not replace, and a source
+    whose rows would all be dropped (found by tokenizing its first rows, and all of them when those
+    give nothing). Returns one manifest per source (``cached`` says it was reused).
+    """
     import datasets
 
-    from doge_cli.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+    from doge_cli.data.tokenizer import tokenizer_fingerprint
+    from doge_cli.io import check_replaceable
 
-    if stage not in STAGES:
-        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
-    if max_length < 16:
-        raise DogeError("--max-length must be at least 16")
-    dirs = source_dirs(datasets_dir, stage, sources)
-    tok = load_tokenizer(tokenizer)
-    if tok.pad_token_id is None or tok.eos_token_id is None or not tok.chat_template:
-        raise DogeError(f"tokenizer {tokenizer!r} lacks a pad token, an eos token or a chat template; "
-                        "use one made by `doge data train-tokenizer`")
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise DogeError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}")
+    check_max_length(max_length)
+    plan = {stage: source_dirs(datasets_dir, stage, sources) for stage in stages}
+    tok = load_data_tokenizer(tokenizer)
     fingerprint = tokenizer_fingerprint(tok)
-    system = R1_SYSTEM_PROMPT if stage in ("r1", "grpo") else identity
+    jobs = []
+    for stage, dirs in plan.items():
+        system = R1_SYSTEM_PROMPT if stage in ("r1", "grpo") else identity
+        for src in dirs:
+            out_dir = Path(datasets_dir) / "tokenized" / stage / src.name
+            key = {
+                "format": FORMAT_VERSION, "tokenizer": fingerprint, "stage": stage, "max_length": max_length,
+                "pack": pack, "identity": identity, "system": system, "raw": read_manifest(src),
+            }
+            old = read_manifest(out_dir)
+            cached = old is not None and old.get("cache_key") == key
+            if not cached:
+                check_replaceable(out_dir, "tokenized folder")
+                raw = datasets.load_from_disk(str(src))
+                if len(raw) == 0:
+                    raise DogeError(f"{src} is empty; download it again")
+                if stage != "pt":
+                    kwargs = {"system": system, "identity": identity, "pack": False, "num_proc": None,
+                              "progress": False}
+                    probe = _tokenize(stage, raw.select(range(min(PROBE_ROWS, len(raw)))), tok, max_length, **kwargs)
+                    if len(probe) == 0 and (len(raw) <= PROBE_ROWS or len(_tokenize(stage, raw, tok, max_length,
+                                                                                     **kwargs)) == 0):
+                        raise _empty_result_error(stage, src.name, max_length)
+            jobs.append((stage, src, out_dir, key, old if cached else None, system))
     results = []
-    for src in dirs:
-        out_dir = Path(datasets_dir) / "tokenized" / stage / src.name
-        key = {
-            "format": FORMAT_VERSION, "tokenizer": fingerprint, "stage": stage, "max_length": max_length,
-            "pack": pack, "identity": identity, "system": system, "raw": read_manifest(src),
-        }
-        old = read_manifest(out_dir)
-        if old is not None and old.get("cache_key") == key:
+    for stage, src, out_dir, key, old, system in jobs:
+        if old is not None:
             log(f"{stage}/{src.name}: cached ({old['rows']:,} rows)")
             results.append({**old, "cached": True})
             continue
         raw = datasets.load_from_disk(str(src))
-        if len(raw) == 0:
-            raise DogeError(f"{src} is empty; download it again")
-        if stage == "pt":
-            ds = tokenize_pt(raw, tok, max_length, identity=identity, progress=progress)
-        elif stage in ("sft", "r1"):
-            ds = tokenize_chat(raw, tok, max_length, system=system, pack=pack, num_proc=num_proc)
-        elif stage == "dpo":
-            ds = tokenize_dpo(raw, tok, max_length, system=system, num_proc=num_proc)
-        else:
-            ds = prepare_grpo(raw, tok, max_length, system=system)
-        if len(ds) == 0:
-            raise DogeError(f"{stage}/{src.name}: nothing left after tokenizing (max-length {max_length} too small?)")
+        ds = _tokenize(stage, raw, tok, max_length, system=system, identity=identity, pack=pack, num_proc=num_proc,
+                       progress=progress)
+        if len(ds) == 0:  # pragma: no cover - the probe above found a row that survives
+            raise _empty_result_error(stage, src.name, max_length)
         tokens = _count_tokens(ds)
         manifest = save_dataset(
             ds, out_dir, stage=stage, source=f"tokenized:{src.name}",
-            extra={"cache_key": key, "tokenizer": _portable(tokenizer), "tokens": tokens, "max_length": max_length},
+            extra={"cache_key": key, "tokenizer": _portable(tokenizer), "tokenizer_fingerprint": fingerprint,
+                   "tokens": tokens, "max_length": max_length},
         )
         log(f"{stage}/{src.name}: {manifest['rows']:,} rows, {tokens:,} tokens")
         results.append({**manifest, "cached": False})
     return results
+
+
+def tokenize_stage(tokenizer: str, datasets_dir: Path, stage: str, max_length: int, **kwargs) -> list[dict]:
+    """:func:`tokenize_stages` for one stage."""
+    return tokenize_stages(tokenizer, datasets_dir, [stage], max_length, **kwargs)
 
 
 def _portable(tokenizer: str) -> str:

@@ -13,11 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from doge_cli.data.schema import THINKING_TOKENS
-from doge_cli.data.storage import atomic_dir
 from doge_cli.errors import DogeError
+from doge_cli.io import atomic_dir, check_replaceable
 
 BOS, EOT, EOD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
 PAD = "<|finetune_right_pad_id|>"
+MAX_VOCAB = 262_144  # larger than any LM vocabulary in use; beyond it training the BPE exhausts memory
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
 SPECIAL_TOKENS = (BOS, EOD, HEADER_START, HEADER_END, EOT, PAD, *THINKING_TOKENS)
 
@@ -135,6 +136,10 @@ def train_tokenizer(
 
     if vocab_size < 300:
         raise DogeError("--vocab-size must be at least 300 (256 bytes + special tokens + merges)")
+    if vocab_size > MAX_VOCAB:
+        raise DogeError(f"--vocab-size {vocab_size:,} is beyond any Doge size (the seed uses 32,768); "
+                        f"choose at most {MAX_VOCAB:,}")
+    check_replaceable(out, "--out")
     texts = corpus_texts(datasets_dir)
     if base is None:
         tok = PreTrainedTokenizerFast(tokenizer_object=_new_bpe(vocab_size, texts))
@@ -143,7 +148,7 @@ def train_tokenizer(
         tok = original.train_new_from_iterator(texts, vocab_size=vocab_size)
     _finish(tok)
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="tokenizer") as tmp:
         tok.save_pretrained(str(tmp))
     info = {"vocab_size": len(tok), "requested": vocab_size, "eos": tok.eos_token, "pad": tok.pad_token,
             "bos": tok.bos_token, "path": str(out)}

@@ -205,7 +205,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
 
 
 def save_results(results: dict, path: Path) -> Path:
-    from doge_cli.data.storage import write_json
+    from doge_cli.io import write_json
 
     path = Path(path)
     try:

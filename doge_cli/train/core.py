@@ -124,7 +124,7 @@ def _prepare_run_dir(run_dir: Path, config: StageConfig, *, resume: str | None, 
 
 def _write_marker(run_dir: Path, config: StageConfig) -> None:
     from doge_cli import __version__
-    from doge_cli.config.loader import write_text_atomic
+    from doge_cli.io import write_text_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / RUN_MARKER, json.dumps({"stage": config.stage, "doge_version": __version__}))

@@ -61,3 +61,34 @@ def test_local_errors(tmp_path):
     with pytest.raises(DogeError, match="does not exist"):
         import_local(tmp_path / "missing.jsonl", tmp_path / "ds", stage="pt")
     assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").rglob("state.json"))
+
+
+@pytest.mark.parametrize("lines, match", [
+    (['{"text": 42}', '{"text": 7}'], "holds int64 values, not text"),
+    (['{"text": ["a", "b"]}'], "holds list values, not text"),
+    (['{"text": "ok"}', '{"text": 5}'], "mixed"),
+    (['["a", "b"]'], ":1: each JSON line must be an object"),
+    (['{"text": "ok"}', "[1, 2]"], ":2: each JSON line must be an object"),
+    (['{"text": "ok"}', '"just a string"'], ":2: each JSON line must be an object"),
+])
+def test_rows_that_are_not_text_are_refused(tmp_path, lines, match):
+    from doge_cli.data.download import import_local
+
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DogeError, match=match):
+        import_local(f, tmp_path / "ds", stage="pt")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_name_escaping_the_save_dir_is_refused(tmp_path):
+    from doge_cli.data.download import import_local
+
+    f = tmp_path / "ok.jsonl"
+    f.write_text('{"text": "hello"}\n')
+    for name in ("../../outside", "/tmp/abs", "a/b"):
+        with pytest.raises(DogeError, match="plain name"):
+            import_local(f, tmp_path / "ds", stage="pt", name=name)
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "outside").exists()
+    import_local(f, tmp_path / "ds", stage="pt", name="my-corpus")
+    assert (tmp_path / "ds" / "pt" / "my-corpus").is_dir()

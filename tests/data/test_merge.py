@@ -2,13 +2,17 @@ import datasets
 import pytest
 
 from doge_cli.data.merge import merge_stage, parse_ratios, plan_counts
+from doge_cli.data.storage import save_dataset
 from doge_cli.errors import DogeError
 
 
-def _fake_tokenized(root, sizes):
+def _fake_tokenized(root, sizes, fingerprint="tok-a", max_length=2):
+    """Sources as `doge data tokenize` leaves them: the rows plus a manifest with its cache key."""
     for name, n in sizes.items():
         ds = datasets.Dataset.from_dict({"input_ids": [[i, i] for i in range(n)], "src": [name] * n})
-        ds.save_to_disk(str(root / "tokenized" / "pt" / name))
+        key = {"tokenizer": fingerprint, "max_length": max_length, "stage": "pt"}
+        save_dataset(ds, root / "tokenized" / "pt" / name, stage="pt", source=f"tokenized:{name}",
+                     extra={"cache_key": key, "tokenizer": str(root / "tokenizer"), "max_length": max_length})
 
 
 def test_ratios_hold_within_one_percent(tmp_path):
@@ -58,3 +62,44 @@ def test_merge_errors(tmp_path):
     with pytest.raises(DogeError, match="bad --ratio"):
         parse_ratios(["a:1"])
     assert not (tmp_path / "merged").exists() or not any((tmp_path / "merged").iterdir())
+
+
+def test_sources_are_identified_by_tokenizer_fingerprint_not_path(tmp_path):
+    # Same tokenizer folder path recorded for both, but different contents (fingerprints).
+    _fake_tokenized(tmp_path, {"a": 50}, fingerprint="tok-a")
+    _fake_tokenized(tmp_path, {"b": 50}, fingerprint="tok-b")
+    with pytest.raises(DogeError, match="different tokenizers"):
+        merge_stage(tmp_path, "pt", train_examples=20, test_examples=2)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_sources_tokenized_at_different_lengths_are_refused(tmp_path):
+    _fake_tokenized(tmp_path, {"a": 50}, max_length=2)
+    _fake_tokenized(tmp_path, {"b": 50}, max_length=4)
+    with pytest.raises(DogeError, match="different --max-length"):
+        merge_stage(tmp_path, "pt", train_examples=20, test_examples=2)
+
+
+@pytest.mark.parametrize("item", ["a=nan", "a=inf", "a=-1", "a=", "=1", "a"])
+def test_bad_ratios_are_refused(item):
+    with pytest.raises(DogeError, match="bad --ratio"):
+        parse_ratios([item])
+
+
+def test_absurd_train_examples_is_refused_before_work(tmp_path):
+    _fake_tokenized(tmp_path, {"a": 50})
+    with pytest.raises(DogeError, match="more than 1000 times"):
+        merge_stage(tmp_path, "pt", train_examples=10**15, test_examples=2)
+
+
+def test_merge_output_that_is_not_doge_s_is_refused(tmp_path):
+    _fake_tokenized(tmp_path, {"a": 50})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(DogeError, match="did not write"):
+        merge_stage(tmp_path, "pt", train_examples=20, test_examples=2, out=mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    merge_stage(tmp_path, "pt", train_examples=20, test_examples=2, out=tmp_path / "m")
+    merge_stage(tmp_path, "pt", train_examples=10, test_examples=2, out=tmp_path / "m")  # doge's own: replaced
+    assert len(datasets.load_from_disk(str(tmp_path / "m/train"))) == 10

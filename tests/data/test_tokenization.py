@@ -110,3 +110,31 @@ def test_missing_stage_and_source_are_user_errors(work_dir, tokenizer_dir, tmp_p
         tokenize_stage(str(tokenizer_dir), tmp_path, "pt", 128)
     with pytest.raises(DogeError, match="no source 'nope'"):
         tokenize_stage(str(tokenizer_dir), work_dir, "pt", 128, sources=["nope"])
+
+
+def test_every_stage_is_checked_before_any_is_written(work_dir, tokenizer_dir):
+    from doge_cli.data.tokenization import tokenize_stages
+
+    # SFT conversations cannot keep an assistant token in 16 tokens (the header alone is longer), so
+    # the sft stage fails; pt is listed first and must not have been written.
+    with pytest.raises(DogeError, match="sft/.*nothing left after tokenizing"):
+        tokenize_stages(str(tokenizer_dir), work_dir, ["pt", "sft"], 16, progress=False)
+    assert not (work_dir / "tokenized").exists()
+
+
+def test_tokenized_folder_not_written_by_doge_is_refused_up_front(work_dir, tokenizer_dir):
+    from doge_cli.data.tokenization import tokenize_stages
+
+    foreign = work_dir / "tokenized" / "pt" / "python-docs"
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("keep")
+    with pytest.raises(DogeError, match="did not write"):
+        tokenize_stages(str(tokenizer_dir), work_dir, ["sft", "pt"], 64, progress=False)
+    assert sorted(p.name for p in (work_dir / "tokenized").iterdir()) == ["pt"]  # sft was not written first
+    assert [p.name for p in foreign.iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("length", [0, 15, 10**12])
+def test_absurd_max_length_is_refused(work_dir, tokenizer_dir, length):
+    with pytest.raises(DogeError, match="--max-length"):
+        tokenize_stage(str(tokenizer_dir), work_dir, "pt", length)

@@ -52,3 +52,22 @@ def test_unknown_and_offline_tokenizers_are_user_errors(tmp_path):
     with pytest.raises(DogeError, match="no datasets"):
         train_tokenizer(tmp_path / "t", datasets_dir=tmp_path / "empty", vocab_size=500)
     assert not (tmp_path / "t").exists()
+
+
+def test_out_that_is_a_file_or_foreign_folder_is_refused_before_training(quick_dir, tmp_path):
+    from doge_cli.data.tokenizer import train_tokenizer
+    from doge_cli.errors import DogeError
+
+    afile = tmp_path / "tok.txt"
+    afile.write_text("mine")
+    with pytest.raises(DogeError, match="not a folder doge wrote"):
+        train_tokenizer(afile, datasets_dir=quick_dir, vocab_size=400)
+    assert afile.read_text() == "mine"
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("mine")
+    with pytest.raises(DogeError, match="did not write"):
+        train_tokenizer(foreign, datasets_dir=quick_dir, vocab_size=400)
+    assert [p.name for p in foreign.iterdir()] == ["a.txt"]
+    with pytest.raises(DogeError, match="--vocab-size"):
+        train_tokenizer(tmp_path / "huge", datasets_dir=quick_dir, vocab_size=10**9)
