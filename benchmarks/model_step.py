@@ -107,9 +107,9 @@ def main() -> None:
     import torch
 
     backends = ["native", "eager", "sdpa", "flex"]
-    from doge_cli.model.attention import triton_available
+    from doge_cli.kernels import is_available
 
-    if triton_available():
+    if is_available("cpu"):  # the kernel itself on a CPU only under triton's interpreter
         backends.append("triton")
     results = []
     start = time.time()

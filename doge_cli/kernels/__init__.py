@@ -9,7 +9,7 @@ import os
 
 import torch
 
-__all__ = ["is_available"]
+__all__ = ["is_available", "unavailable_reason"]
 
 
 def _triton_importable() -> bool:
@@ -20,21 +20,33 @@ def _triton_importable() -> bool:
     return True
 
 
-def is_available(device: torch.device | str) -> bool:
-    """Whether the Triton dynamic-mask attention kernel can run for tensors on ``device``.
+def unavailable_reason(device: torch.device | str) -> str | None:
+    """Why the Triton dynamic-mask attention kernel cannot run for tensors on ``device``; None when it can.
 
-    True on CUDA GPUs of compute capability 8.0 or newer (Ampere+, needed for bf16 tensor-core
-    dots) with triton installed, and on CPU when ``TRITON_INTERPRET=1`` is set (the interpreter,
-    for tests). Elsewhere ``dma_attention`` falls back to the PyTorch reference.
+    The one source of truth for the ``triton`` backend. It runs on CUDA GPUs of compute capability 8.0
+    or newer (Ampere+, needed for bf16 tensor-core dots) with triton installed, and on CPU only under
+    triton's interpreter (``TRITON_INTERPRET=1``, which the tests set).
     """
     device = torch.device(device)
-    if not _triton_importable():
-        return False
     if device.type == "cuda":
+        if not _triton_importable():
+            return "the triton package is not installed (pip install 'triton>=3.9,<3.10')"
         if not torch.cuda.is_available():
-            return False
+            return "CUDA is not available"
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return torch.cuda.get_device_capability(index) >= (8, 0)
+        capability = torch.cuda.get_device_capability(index)
+        if capability < (8, 0):
+            return f"the GPU has compute capability {capability[0]}.{capability[1]}; the kernel needs 8.0 (Ampere) or newer"
+        return None
     if device.type == "cpu":
-        return os.environ.get("TRITON_INTERPRET") == "1"
-    return False
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "on a CPU the kernel runs only under triton's interpreter (TRITON_INTERPRET=1), which is for tests"
+        if not _triton_importable():
+            return "the triton package is not installed"
+        return None
+    return f"there is no Triton kernel for {device.type} devices"
+
+
+def is_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernel can run for tensors on ``device`` (see :func:`unavailable_reason`)."""
+    return unavailable_reason(device) is None

@@ -16,15 +16,16 @@ restricted to the allowed keys of query i, which sits at key position Tk - Tq + 
 A query with no allowed key outputs zeros (transformers would spread it uniformly; zeros are
 what a padded query should contribute and they cannot produce NaN gradients).
 
-``dma_attention`` is the ``triton`` attention backend of ``doge_cli.model.attention``; it runs
-the kernel when ``doge_cli.kernels.is_available(q.device)`` and otherwise the reference.
+``dma_attention`` is the ``triton`` attention backend of ``doge_cli.model.attention``. It runs the
+kernel, or, where ``doge_cli.kernels.unavailable_reason(q.device)`` gives a reason, refuses in one line:
+it never falls back to the reference silently (``auto`` picks another backend instead).
 """
 
 
 import torch
 
 from doge_cli.errors import DogeError
-from doge_cli.kernels import is_available
+from doge_cli.kernels import unavailable_reason
 
 __all__ = ["dma_attention", "dma_attention_reference", "keep_window_mask", "keep_window_threshold"]
 
@@ -246,9 +247,12 @@ def dma_attention(
         computed with fp32 accumulation.
     """
     _check_inputs(q, k, v, bias, doc_ids, key_padding_mask, keep_window_size)
-    if not is_available(q.device) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return dma_attention_reference(q, k, v, bias, scale=scale, doc_ids=doc_ids,
-                                       key_padding_mask=key_padding_mask, keep_window_size=keep_window_size)
+    reason = unavailable_reason(q.device)
+    if reason is not None:  # never a silent switch to the (slow, memory-hungry) reference
+        raise DogeError(f"the triton attention backend cannot run on {q.device}: {reason}; use "
+                        "runtime.attn_implementation=sdpa, or auto (which picks a backend that runs)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise DogeError(f"the triton attention backend takes fp32, bf16 or fp16 tensors, not {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise DogeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     Tq, Tk = q.shape[2], k.shape[2]

@@ -14,9 +14,13 @@ Every backend has the same signature (a fixed contract: the Triton kernel in
 - ``key_padding_mask`` (B, Tk) bool or None: True marks a real token.
 - ``keep_window_size``: when ``Tk > keep_window_size`` each query keeps only its ``keep_window_size``
   allowed keys with the largest bias (Doge's dynamic mask, Shi et al. 2024, "Trainable Dynamic Mask
-  Sparse Attention"). Ties are broken by ``torch.topk`` over the same (B, Hkv, Tq, Tk) tensor that
-  transformers builds, so every backend here selects exactly the keys transformers selects on the
-  same device. Ties are common: in the first layer equal tokens have equal values, so equal biases.
+  Sparse Attention"). **Tie rule** (one rule for every backend): keys tied at the k-th largest bias are
+  kept latest first, so exactly ``keep_window_size`` keys survive (see
+  ``doge_cli.kernels.dma_attention.keep_window_threshold``). Ties are common, not a corner case: the bias
+  is a function of the value vector, so repeated tokens tie in the first layer, and at initialisation
+  (A = 0) every bias is 1 and the rule becomes a sliding window of the most recent keys. transformers
+  breaks ties by whatever order ``torch.topk`` returns (it differs between CPU and CUDA); without ties
+  every backend selects exactly the keys transformers selects.
 - Returns (B, Hq, Tq, D) in q's dtype; a query with no allowed key returns zeros, not NaN.
 
 Backends: ``eager`` (the readable reference), ``sdpa``, ``flex``, ``triton``; ``auto`` picks one.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 from collections.abc import Callable
 
 import torch
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from doge_cli.errors import DogeError
 
 BACKENDS = ("eager", "sdpa", "flex", "triton")
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- masks shared by backends
@@ -54,26 +60,20 @@ def allowed_keys(
     return allowed
 
 
-def top_keys(bias: torch.Tensor, allowed: torch.Tensor, keep_window_size: int) -> torch.Tensor:
-    """Bool (B, Hkv, Tq, Tk): the ``keep_window_size`` allowed keys with the largest bias per query.
+def top_keys(bias: torch.Tensor, allowed: torch.Tensor, q_len: int, doc_ids: torch.Tensor | None,
+             key_padding_mask: torch.Tensor | None, keep_window_size: int) -> torch.Tensor:
+    """Bool (B, Hkv, Tq, Tk): of the ``allowed`` keys, the ``keep_window_size`` with the largest bias per
+    query, ties kept latest first (the module's tie rule, shared with the Triton kernel)."""
+    from doge_cli.kernels.dma_attention import keep_window_mask, keep_window_threshold
 
-    Built exactly like transformers' ``DogeAttention.prepare_dynamic_mask``: disallowed keys get the
-    dtype's minimum, then ``torch.topk`` picks the winners. When a query has fewer allowed keys than
-    ``keep_window_size`` the extra picks are disallowed keys, which ``allowed`` removes again.
-    """
-    b, h, k_len = bias.shape
-    q_len = allowed.shape[-2]
-    ranked = bias[:, :, None, :].expand(b, h, q_len, k_len)
-    ranked = ranked.masked_fill(~allowed, torch.finfo(bias.dtype).min)
-    winners = torch.topk(ranked, keep_window_size, dim=-1, largest=True, sorted=False).indices
-    keep = torch.zeros(ranked.shape, dtype=torch.bool, device=bias.device).scatter_(-1, winners, True)
-    return keep & allowed
+    window = keep_window_threshold(bias, q_len, keep_window_size, doc_ids, key_padding_mask)
+    return keep_window_mask(window, bias) & allowed
 
 
 def _final_mask(bias, q_len, doc_ids, key_padding_mask, keep_window_size) -> torch.Tensor:
     allowed = allowed_keys(q_len, bias.shape[-1], doc_ids, key_padding_mask, bias.device)
     if keep_window_size is not None and bias.shape[-1] > keep_window_size:
-        allowed = top_keys(bias.detach(), allowed, keep_window_size)
+        allowed = top_keys(bias.detach(), allowed, q_len, doc_ids, key_padding_mask, keep_window_size)
     return allowed
 
 
@@ -173,20 +173,8 @@ def _triton_fn() -> Callable:
     try:
         module = importlib.import_module("doge_cli.kernels.dma_attention")
         return module.dma_attention
-    except (ImportError, AttributeError) as err:
-        raise DogeError(
-            f"the triton attention backend needs doge_cli.kernels.dma_attention and the triton package "
-            f"({err}); install triton on a CUDA machine or choose attn_implementation='sdpa'"
-        ) from err
-
-
-def triton_available() -> bool:
-    """True when the Triton kernel imports (it needs the triton package and doge_cli.kernels)."""
-    try:
-        _triton_fn()
-        return True
-    except DogeError:
-        return False
+    except (ImportError, AttributeError) as err:  # pragma: no cover - the module is part of the package
+        raise DogeError(f"the triton attention backend failed to import ({err}); choose attn_implementation='sdpa'") from err
 
 
 def _flex(name: str) -> Callable:
@@ -221,22 +209,45 @@ _FUNCTIONS: dict[str, Callable] = {
 }
 
 
+_AUTO_NOTICES: set[tuple[str, str]] = set()
+
+
 def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
     """Turn a backend name (or ``auto``) into one of :data:`BACKENDS`.
 
-    ``auto``: ``triton`` on CUDA when the kernel imports, else ``sdpa``: in benchmarks/model_step.py
-    it was the fastest or near-fastest CPU training step at 1x2048 (noisy runs, see
-    benchmarks/RESULTS.md), while CPU flex is torch's uncompiled dense reference (torch 2.13 compiles
-    flex on CPU for inference only) plus our dense backward.
+    ``auto``: ``triton`` on CUDA where the kernel can run (``doge_cli.kernels.unavailable_reason``, the
+    one source of truth), else ``sdpa``, saying once in the log why triton was passed over on a GPU.
+    On CPU sdpa is the choice: in benchmarks/model_step.py it was the fastest or near-fastest CPU training
+    step at 1x2048 (noisy runs, see benchmarks/RESULTS.md), while CPU flex is torch's uncompiled dense
+    reference (torch 2.13 compiles flex on CPU for inference only) plus our dense backward.
     """
     if name == "auto":
+        from doge_cli.kernels import unavailable_reason
+
         device = torch.device(device) if device is not None else torch.device("cpu")
-        if device.type == "cuda" and triton_available():
+        if device.type != "cuda":
+            return "sdpa"
+        reason = unavailable_reason(device)
+        if reason is None:
             return "triton"
+        if (str(device), reason) not in _AUTO_NOTICES:
+            _AUTO_NOTICES.add((str(device), reason))
+            logger.warning("attention auto: the triton kernel cannot run on %s (%s); using sdpa", device, reason)
         return "sdpa"
     if name not in _FUNCTIONS:
         raise DogeError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
     return name
+
+
+def check_backend_runs(name: str, device: torch.device | str) -> None:
+    """Refuse, in one line, a resolved backend that cannot run on ``device`` (before any work is done)."""
+    if name == "triton":
+        from doge_cli.kernels import unavailable_reason
+
+        reason = unavailable_reason(device)
+        if reason is not None:
+            raise DogeError(f"attention backend 'triton' cannot run on {torch.device(device)}: {reason}; use "
+                            "runtime.attn_implementation=sdpa, or auto (which picks a backend that runs)")
 
 
 def get_backend(name: str) -> Callable:

@@ -2,9 +2,9 @@
 
 The block mask carries causal + document + padding masking; the model builds it once per batch
 and every layer reuses it. The per-layer part lives in the score_mod: the bias, and past
-``keep_window_size`` keys the top-k cut. The cut is a dense (B, Hkv, Tq, Tk) bool from the same
-``torch.topk`` transformers uses: biases tie often (in the first layer equal tokens have equal
-values, so equal biases), and a threshold test would keep every tied key, unlike transformers.
+``keep_window_size`` keys the top-k cut. The cut is a dense (B, Hkv, Tq, Tk) bool built by the
+shared tie rule of ``doge_cli.model.attention`` (ties at the cut kept latest first), so flex keeps
+exactly the keys every other backend keeps.
 
 torch 2.13 on CPU runs flex_attention only uncompiled (a dense reference implementation; the
 compiled CPU kernel is inference-only and returns no logsumexp) and refuses its backward. So on
@@ -72,7 +72,7 @@ def flex_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None,
     keep = None
     if keep_window_size is not None and k_len > keep_window_size:
         allowed = allowed_keys(q_len, k_len, doc_ids, key_padding_mask, q.device)
-        keep = top_keys(bias.detach(), allowed, keep_window_size)
+        keep = top_keys(bias.detach(), allowed, q_len, doc_ids, key_padding_mask, keep_window_size)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
     if q.device.type == "cpu" and needs_grad:
         return _FlexBackwardCPU.apply(q, k, v, bias, scale, block_mask, keep, doc_ids, key_padding_mask)

@@ -177,16 +177,39 @@ def test_reference_matches_transformers_topk_rule():
     _close(got_kernel, want, 1e-5)
 
 
-def test_fallback_to_reference_without_interpreter(monkeypatch):
+def test_no_silent_fallback_without_interpreter(monkeypatch):
+    from doge_cli.kernels import unavailable_reason
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not is_available("cpu")
+    assert not is_available("cpu") and "TRITON_INTERPRET" in unavailable_reason("cpu")
     inputs = [t.detach() for t in _make(1, 2, 1, 5, 5, 16)]
     kw = dict(scale=0.25, doc_ids=None, key_padding_mask=None, keep_window_size=None)
-    assert torch.equal(dma_attention(*inputs, **kw), dma_attention_reference(*inputs, **kw))
+    with pytest.raises(DogeError, match="cannot run on cpu.*attn_implementation=sdpa"):
+        dma_attention(*inputs, **kw)
+
+
+def test_unsupported_dtype_is_refused():
+    inputs = [t.detach().double() for t in _make(1, 2, 1, 5, 5, 16)]
+    with pytest.raises(DogeError, match="fp32, bf16 or fp16"):
+        dma_attention(*inputs, scale=0.25)
+
+
+def test_unavailable_reasons_without_triton_or_on_old_gpus(monkeypatch):
+    import doge_cli.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_triton_importable", lambda: False)
+    assert "not installed" in kernels.unavailable_reason("cuda")
+    monkeypatch.setattr(kernels, "_triton_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (7, 5))
+    assert "7.5" in kernels.unavailable_reason("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    assert kernels.unavailable_reason("cuda") is None
 
 
 def test_is_available():
-    assert is_available("cpu")  # TRITON_INTERPRET=1 from conftest
+    assert is_available("cpu")  # TRITON_INTERPRET=1 from tests/conftest.py
     assert is_available(torch.device("cpu"))
     assert not is_available("meta")
 

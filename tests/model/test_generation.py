@@ -11,18 +11,32 @@ from .doge_twin import hf_twin, ours_from, tiny_config
 
 
 def _pair(**overrides):
-    hf = hf_twin(tiny_config(eos_token_id=None, keep_window_size=12, **overrides))
+    hf = hf_twin(tiny_config(**{"eos_token_id": None, "keep_window_size": 12, **overrides}))
     return hf, ours_from(hf, "sdpa")
 
 
 def test_greedy_32_tokens_match_transformers_generate():
-    hf, ours = _pair()
+    # A keep window longer than the sequence: greedy decoding of a random model repeats tokens, whose
+    # first-layer biases tie, and at a tie transformers keeps whatever torch.topk returns while doge
+    # follows its documented rule. The top-k cut during decoding is checked by the next test.
+    hf, ours = _pair(keep_window_size=64)
     prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
     ref = hf.generate(prompt, max_new_tokens=32, do_sample=False)
     out = generate(ours, prompt, max_new_tokens=32)
     assert out.sequences.shape == (1, 38)
     assert torch.equal(out.sequences, ref)
     assert out.lengths.tolist() == [32]
+
+
+def test_cached_decoding_keeps_the_same_keys_as_the_full_forward():
+    """With the top-k cut active (keep window 12 < 38 keys), each cached decoding step picks the token the
+    full, uncached forward of the same sequence picks: the cache changes nothing about which keys count."""
+    _, ours = _pair()
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(7))
+    out = generate(ours, prompt, max_new_tokens=32)
+    with torch.no_grad():
+        logits = ours(out.sequences).logits
+    assert torch.equal(logits[0, 5:-1].argmax(-1), out.sequences[0, 6:])
 
 
 def test_left_padded_batch_matches_transformers_generate():

@@ -24,8 +24,11 @@ SCENARIOS = {
 
 
 def _batch(kind: str, vocab: int = 128, t: int = 24):
+    """Three rows of distinct tokens: no two keys of a row share a value vector in the first layer, so
+    no biases tie at the top-k cut and every backend must select exactly the keys transformers selects
+    (ties follow doge's documented rule instead; see test_every_backend_follows_one_tie_rule)."""
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (3, t), generator=gen)
+    ids = torch.stack([torch.randperm(vocab - 3, generator=gen)[:t] + 3 for _ in range(3)])
     mask = torch.ones_like(ids)
     if kind == "padded":
         mask[0, :5] = 0  # left padding
@@ -38,15 +41,8 @@ def _batch(kind: str, vocab: int = 128, t: int = 24):
     return ids, mask, labels
 
 
-# The kernel keeps the LATEST of tied keys at the top-k cut; torch.topk (transformers) breaks ties
-# its own way. Layer-0 biases tie for repeated tokens, and the MoE router (which mixes tokens)
-# turns that one different key into different logits. Strict: an XPASS means it was fixed.
-_TIE_RULE = pytest.mark.xfail(strict=True, reason="kernel top-k tie rule differs from torch.topk")
-_CASES = [pytest.param(b, s, marks=_TIE_RULE) if (b, s) == ("triton", "moe_topk") else (b, s)
-          for b in BACKENDS for s in SCENARIOS]
-
-
-@pytest.mark.parametrize(("backend", "scenario"), _CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scenario", SCENARIOS)
 def test_logits_and_gradients_match_transformers(backend, scenario):
     skip_unavailable(backend)
     overrides, kind = SCENARIOS[scenario]
@@ -70,7 +66,9 @@ def test_logits_and_gradients_match_transformers(backend, scenario):
     ref_params = dict(hf.named_parameters())
     for name, p in ours.named_parameters():
         assert p.grad is not None, name
-        assert rel_err(p.grad, ref_params[name].grad) <= 1e-4, name
+        # fp32 gradients of A and dt_proj sum many products: transformers' own fp32 gradients differ
+        # from an fp64 run of the same model by up to 1.3e-4 (relative) here, so 2.5e-4 is the noise floor.
+        assert rel_err(p.grad, ref_params[name].grad) <= 2.5e-4, name
 
 
 def test_the_bias_matters_in_this_parity_setup():
@@ -173,3 +171,73 @@ def test_flex_block_mask_is_built_once_per_forward(monkeypatch):
     with torch.no_grad():
         ours(ids)
     assert len(calls) == 1
+
+
+def _tied_batch(vocab: int = 128, t: int = 24):
+    """Rows full of ties: few distinct tokens, so first-layer biases repeat across many keys."""
+    gen = torch.Generator().manual_seed(3)
+    return torch.randint(3, 7, (2, t), generator=gen)
+
+
+@pytest.mark.parametrize("zero_a", [False, True], ids=["repeated-tokens", "A=0"])
+def test_every_backend_follows_one_tie_rule(zero_a):
+    """Inputs full of ties at the top-k cut: every backend gives the same logits and gradients (one
+    documented rule: tied keys are kept latest first); with A = 0 every bias is 1 and the rule is a
+    sliding window of the keep_window_size most recent keys."""
+    config = tiny_config(keep_window_size=6)
+    hf = hf_twin(config)
+    if zero_a:
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                if name.endswith(".A"):
+                    p.zero_()
+    ids = _tied_batch()
+    outs = {}
+    for backend in BACKENDS:
+        skip_unavailable(backend)
+        model = ours_from(hf, backend)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outs[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    ref_logits, ref_grads = outs["eager"]
+    for backend, (logits, grads) in outs.items():
+        assert rel_err(logits, ref_logits) <= 1e-5, backend
+        for name, grad in grads.items():
+            assert rel_err(grad, ref_grads[name]) <= 1e-4, (backend, name)
+    if zero_a:  # the rule is a sliding window: equal to a model whose window is built by hand
+        from doge_cli.model.attention import top_keys
+
+        bias = torch.ones(1, 1, 10)
+        allowed = torch.ones(1, 1, 10, 10, dtype=torch.bool).tril()
+        keep = top_keys(bias, allowed, 10, None, None, 4)[0, 0]
+        for i in range(10):
+            assert keep[i].nonzero().flatten().tolist() == list(range(max(0, i - 3), i + 1))
+
+
+def test_triton_backend_runs_the_kernel_itself(monkeypatch):
+    """The model's triton backend goes through the Triton kernel (under the interpreter here), never
+    through the PyTorch reference: count the kernel launches of one forward."""
+    skip_unavailable("triton")
+    from doge_cli.kernels import _dma_triton
+
+    calls = []
+    forward = _dma_triton.forward
+    monkeypatch.setattr(_dma_triton, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    config = tiny_config()
+    ours_from(hf_twin(config), "triton")(_batch("none")[0])
+    assert len(calls) == config.num_hidden_layers
+
+
+def test_auto_passes_over_an_unusable_kernel_once_in_the_log(monkeypatch, caplog):
+    import doge_cli.kernels as kernels
+    from doge_cli.model import attention
+
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: "no triton here" if "cuda" in str(device) else None)
+    monkeypatch.setattr(attention, "_AUTO_NOTICES", set())
+    with caplog.at_level("WARNING", logger="doge_cli.model.attention"):
+        assert attention.resolve_backend("auto", "cuda:0") == "sdpa"
+        assert attention.resolve_backend("auto", "cuda:0") == "sdpa"
+    assert [r.getMessage() for r in caplog.records] == [
+        "attention auto: the triton kernel cannot run on cuda:0 (no triton here); using sdpa"]
+    with pytest.raises(DogeError, match="'triton' cannot run on cuda:0: no triton here"):
+        attention.check_backend_runs("triton", "cuda:0")
