@@ -116,7 +116,9 @@ class DogeLightevalModel(LightevalModel):
         for doc in docs:
             context = self.prompt_manager.prepare_prompt(doc)
             contexts, continuations = self.tok_encode_pair(context, doc.choices, pairwise=False)
-            for ctx, cont in zip(contexts, continuations):
+            for choice, ctx, cont in zip(doc.choices, contexts, continuations):
+                if not choice:  # log P("" | context) = 0; the split would hand the context's last token over
+                    ctx, cont = self.tok_encode(context), []
                 ctx = ctx if self.use_chat_template else self.prefix + ctx
                 row = (ctx + cont)[-self.max_length:]  # keep the choice, cut the context's start
                 rows.append(row)
@@ -128,8 +130,9 @@ class DogeLightevalModel(LightevalModel):
             n = len(doc.choices)
             logprobs, greedy = [], []
             for (lp, eq), span in zip(scored[k:k + n], spans[k:k + n]):
-                logprobs.append(float(lp[-span:].sum()))
-                greedy.append(bool(eq[-span:].all()))
+                # The last ``span`` entries; a choice with no token of its own scores 0 (``lp[-0:]`` is all).
+                logprobs.append(float(lp[len(lp) - span:].sum()))
+                greedy.append(bool(eq[len(eq) - span:].all()))
             # Token-normalised metrics (LogProbTokenNorm) divide by the choice lengths in output_tokens.
             responses.append(ModelResponse(logprobs=logprobs, argmax_logits_eq_gold=greedy,
                                            output_tokens=conts[k:k + n]))
