@@ -27,15 +27,21 @@ def trl_loss(per_token_logps, batch, ref_chosen, ref_rejected, *, beta, loss_typ
     completion_mask[:, 1:] = (batch["targets"][:, :-1] != -100).long()
     outputs = SimpleNamespace(log_probs=logps, entropy=torch.zeros_like(logps), mean_logits=torch.zeros_like(logps),
                               is_top1=torch.zeros_like(logps, dtype=torch.bool), aux_loss=None)
-    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
-    stub = SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False, ld_alpha=None,
-                           precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
-                           loss_weights=[1.0], beta=beta, label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)),
-                           _total_train_tokens=0, _tp_size=1, use_weighting=False)
+    stub = trl_stub(beta=beta, loss_type=loss_type)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
               "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
     loss = DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, False)
     return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+
+
+def trl_stub(*, beta, loss_type):
+    """The DPOTrainer attributes _compute_loss reads, for one CPU process and a precomputed reference."""
+    acc = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    return SimpleNamespace(model=SimpleNamespace(training=True), accelerator=acc, aux_loss_enabled=False, ld_alpha=None,
+                           precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=[loss_type],
+                           loss_weights=[1.0], beta=beta, label_smoothing=0.0,
+                           _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+                           use_weighting=False)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
@@ -72,6 +78,92 @@ def test_loss_and_gradients_equal_trl(dpo_data, chat_root, tmp_path, loss_type):
     n = obj.count_targets(batch)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
         assert float(out.metrics[key]) / n == pytest.approx(logged[key], abs=1e-5), key
+
+
+def test_reply_spans_and_per_token_logps_equal_trls_concatenated_forward(dpo_data, chat_root, tmp_path):
+    """TRL's own preference path on the same pairs and weights: DataCollatorForPreference builds the
+    [chosen; rejected] batch and its completion mask, and the concatenated forward of
+    DPOTrainer.compute_ref_log_probs (reference) and DPOTrainer._compute_loss (policy) runs
+    transformers' DogeForCausalLM through TRL's fused LM head. Its reply positions, per-token and
+    summed log-probabilities, loss and weight gradients equal doge's."""
+    from contextlib import nullcontext
+
+    from transformers import AutoModelForCausalLM
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from doge_cli.model import load_model
+    from doge_cli.train.objectives.common import token_logprobs
+
+    beta = 0.3
+    obj = objective(dpo_data, chat_root / "start", tmp_path, **{"dpo.beta": beta})
+    picked = rows(obj.train_data, [0, 1, 2, 3, 4, 5])
+    pairs = [obj.truncate(r["prompt_input_ids"], r["chosen_input_ids"], r["rejected_input_ids"]) for r in picked]
+    # prompts of several lengths, and pairs whose replies differ in length (padding inside the batch)
+    assert len({len(p) for p, _, _ in pairs}) > 2 and sum(len(c) != len(r) for _, c, r in pairs) >= 2
+    batch = obj.collate(picked)
+    ours_model = load_model(chat_root / "start", attn_implementation="sdpa").eval()
+    ours = token_logprobs(ours_model, batch["input_ids"], batch["attention_mask"], batch["targets"])
+    with torch.no_grad():
+        chosen, rejected = obj._sequence_logps(ours_model, batch)
+
+    hf = AutoModelForCausalLM.from_pretrained(chat_root / "start").eval()
+    assert type(hf).__name__ == "DogeForCausalLM"
+    add_fused_lm_head(hf, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))  # as DPOTrainer.__init__ does
+    forwards = []
+    fused = hf.forward
+    hf.forward = lambda *a, **k: forwards.append(fused(*a, **k)) or forwards[-1]
+    inputs = DataCollatorForPreference(pad_token_id=obj.tokenizer.pad_token_id)(
+        [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in pairs])
+    ref_stub = SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"), autocast=nullcontext),
+                               model=hf, ref_model=hf, args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+                               ld_alpha=None)
+    trl_chosen, trl_rejected = DPOTrainer.compute_ref_log_probs(ref_stub, hf, inputs)
+    (ref_out,) = forwards
+
+    # Same sequences: chosen rows, then rejected rows, right-padded with the pad id.
+    assert torch.equal(inputs["input_ids"], batch["input_ids"])
+    assert torch.equal(inputs["attention_mask"], batch["attention_mask"])
+    # (a) Reply spans. TRL scores position t (of T - 1) for the label at t + 1; doge's targets[t] is
+    # that same next token and its last column is always empty.
+    completion = inputs["completion_mask"].bool()
+    assert not (batch["targets"][:, -1] != -100).any()
+    ours_span = batch["targets"][:, :-1] != -100
+    for row in range(ours_span.shape[0]):
+        assert torch.equal(ours_span[row], completion[row, 1:]), row
+        assert torch.equal(ours_span[row], ref_out.label_mask[row]), row
+    labels = inputs["input_ids"].masked_fill(~completion, -100)[:, 1:]
+    assert torch.equal(batch["targets"][:, :-1], labels)
+    assert int(ours_span.sum()) == sum(len(c) + len(r) for _, c, r in pairs)
+    # (b) per-token log-probs on those positions, zero elsewhere on both sides
+    assert torch.allclose(ours[:, :-1].detach(), ref_out.log_probs, atol=1e-5, rtol=0)
+    assert not ours[:, -1].any() and not ours[:, :-1][~ours_span].any() and not ref_out.log_probs[~ours_span].any()
+    # (c) the summed log-probability of each reply
+    assert torch.allclose(chosen, trl_chosen, atol=1e-5, rtol=0)
+    assert torch.allclose(rejected, trl_rejected, atol=1e-5, rtol=0)
+
+    # The policy side: TRL's loss through its own forward (with gradients) against doge's.
+    gen = torch.Generator().manual_seed(1)
+    ref = torch.stack((chosen + torch.randn(6, generator=gen), rejected + torch.randn(6, generator=gen)), 1)
+    obj.ref_logps["train"] = torch.zeros(len(obj.train_data), 2)
+    obj.ref_logps["train"][:6] = ref
+    ours_loss = obj.loss(ours_model, batch).loss_sum / obj.count_targets(batch)
+    stub = trl_stub(beta=beta, loss_type="sigmoid")
+    theirs_loss = DPOTrainer._compute_loss(stub, hf, {**inputs, "ref_chosen_logps": ref[:, 0],
+                                                       "ref_rejected_logps": ref[:, 1]}, False)
+    policy_out = forwards[-1]
+    assert len(forwards) == 2 and policy_out.log_probs.requires_grad
+    assert torch.allclose(ours[:, :-1].detach(), policy_out.log_probs.detach(), atol=1e-5, rtol=0)
+    assert torch.allclose(ours_loss, theirs_loss, atol=1e-5, rtol=0), (float(ours_loss), float(theirs_loss))
+    ours_params, theirs_params = dict(ours_model.named_parameters()), dict(hf.named_parameters())
+    assert sorted(ours_params) == sorted(theirs_params)
+    names = sorted(ours_params)
+    ours_grad = torch.autograd.grad(ours_loss, [ours_params[n] for n in names])
+    theirs_grad = torch.autograd.grad(theirs_loss, [theirs_params[n] for n in names])
+    for name, a, b in zip(names, ours_grad, theirs_grad):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    assert any(a.abs().max() > 1e-4 for a in ours_grad)
 
 
 def test_label_smoothing_is_conservative_dpo():

@@ -1,6 +1,7 @@
 """GRPO: loss against TRL's GRPOTrainer, advantages, rewards, learning, resume, bad input."""
 
 from collections import defaultdict
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -119,6 +120,115 @@ def test_loss_path_through_the_model_equals_trl(grpo_data, chat_root, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-5)
     for a, b in zip(ours_grad, theirs_grad):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@contextmanager
+def rng_kept():
+    """transformers' Trainer seeds the global RNGs when built; put them back afterwards."""
+    import random
+
+    import numpy as np
+
+    state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+        torch.set_rng_state(state[2])
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_rollout_mask_and_per_token_logps_equal_trl(grpo_data, chat_root, tmp_path, temperature):
+    """Seeded rollouts from doge's generator, replayed through TRL's own GRPO batch building: TRL's
+    GRPOTrainer (on transformers' DogeForCausalLM with the same weights and the generation config
+    doge exports) tokenizes the prompts, takes the same completions from a stubbed ``generate``, masks
+    them after the first EOS and computes the per-token log-probs at the sampling temperature through
+    its fused LM head (_generate_and_score_completions with num_iterations=2, which stores them as
+    old_per_token_logps). Prompt ids, completion ids, completion mask and log-probs (and their weight
+    gradients, via _get_per_token_logps_and_entropies) equal doge's rollout batch."""
+    import datasets
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from doge_cli.model import save_pretrained
+
+    g, max_len = 4, 12
+    obj = objective(grpo_data, chat_root / "start", tmp_path, **{"grpo.temperature": temperature,
+                                                                  "grpo.num_iterations": 2})
+    model = obj.build_model()
+    stops = model.config.eos_token_id
+    assert isinstance(stops, list) and len(stops) == 2  # end-of-turn and end-of-text
+    # A random tiny model almost never samples a stop token: raise both stop logits along the mean final
+    # hidden state so that some completions end early (with either stop id) and others run to the limit.
+    with torch.no_grad():
+        ids = torch.randint(6, len(obj.tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+        mean = model(ids, return_hidden_states=True).hidden_states.reshape(-1, model.config.hidden_size).mean(0)
+        for stop in stops:
+            model.lm_head.weight[stop] += 1.5 * mean / mean.norm() ** 2
+    obj.after_prepare(model, Accelerator(cpu=True))
+    part = obj.train_data[:2]
+    examples = [{**dict(zip(part, vals)), "_row": i} for i, vals in enumerate(zip(*part.values()))]
+    (batch,) = obj.prepare_step(model, [obj.collate(examples)])
+    P, mask = batch["prompt_length"], batch["completion_mask"]
+    completion = batch["input_ids"][:, P:]
+    lengths = mask.sum(1)
+    # The seeded rollout must cover the cases (if the sampler changes, re-tune the 1.5 above):
+    # completions cut at the limit, and completions that stopped early, at T=0.7 with each stop id.
+    assert mask.shape == (2 * g, max_len), mask.shape
+    assert (lengths == max_len).any() and (lengths < max_len).any(), lengths
+    if temperature == 0.7:
+        ends = {int(completion[i, n - 1]) for i, n in enumerate(lengths.tolist()) if n < max_len}
+        assert ends == set(stops), ends
+
+    twin = save_pretrained(model, tmp_path / "twin", tokenizer=obj.tokenizer)
+    hf = AutoModelForCausalLM.from_pretrained(twin)
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=2 * g, num_generations=g,
+                      max_completion_length=max_len, temperature=temperature, num_iterations=2, use_cpu=True,
+                      bf16=False, report_to="none")
+    prompts = [{"prompt": e["prompt"], "answer": e["answer"]} for e in examples]
+    with rng_kept():
+        trainer = GRPOTrainer(model=hf, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                              train_dataset=datasets.Dataset.from_list(prompts), processing_class=obj.tokenizer)
+    assert sorted(trainer.eos_token_ids) == sorted(stops) and trainer.temperature == temperature
+    seen = {}
+
+    def replay(input_ids, attention_mask, **kwargs):  # TRL's generate call, answered with doge's completions
+        seen["input_ids"], seen["attention_mask"] = input_ids, attention_mask
+        return torch.cat((input_ids, completion), 1)
+
+    hf.generate = replay
+    out = trainer._generate_and_score_completions([p for p in prompts for _ in range(g)])
+
+    # Prompts: TRL's chat-template tokenization, left-padded, equals doge's collate.
+    assert torch.equal(seen["input_ids"], batch["input_ids"][:, :P])
+    assert torch.equal(out["prompt_ids"], batch["input_ids"][:, :P])
+    assert torch.equal(out["prompt_mask"], batch["attention_mask"][:, :P])
+    # Completions: TRL keeps the tokens up to and including the first EOS, row by row.
+    assert torch.equal(out["completion_ids"], completion)
+    for row in range(2 * g):
+        assert torch.equal(out["completion_mask"][row], mask[row]), row
+    assert torch.equal(batch["targets"], completion.masked_fill(out["completion_mask"] == 0, -100))
+    # Per-token log-probs at the sampling temperature: doge's loss path and its stored old log-probs.
+    ours = obj._logps(model, batch)
+    assert torch.allclose(ours.detach(), out["old_per_token_logps"], atol=1e-5, rtol=0)
+    assert torch.allclose(batch["old_logps"], out["old_per_token_logps"], atol=1e-5, rtol=0)
+    assert not ours[mask == 0].any() and not out["old_per_token_logps"][mask == 0].any()
+
+    # Gradients of the log-probs through both models (TRL's fused head has its own backward).
+    theirs, _, _ = trainer._get_per_token_logps_and_entropies(hf, torch.cat((out["prompt_ids"], completion), 1),
+                                                             torch.cat((out["prompt_mask"], out["completion_mask"]), 1),
+                                                             max_len)
+    weights = torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
+    ours_params, theirs_params = dict(model.named_parameters()), dict(hf.named_parameters())
+    names = sorted(ours_params)
+    assert names == sorted(theirs_params)
+    ours_grad = torch.autograd.grad((ours * weights).sum(), [ours_params[n] for n in names])
+    theirs_grad = torch.autograd.grad((theirs * weights).sum(), [theirs_params[n] for n in names])
+    for name, a, b in zip(names, ours_grad, theirs_grad):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+    assert any(a.abs().max() > 1e-3 for a in ours_grad)
 
 
 def test_rewards():
