@@ -68,6 +68,7 @@ def generate(
     num_return_sequences: int = 1,
     on_token: Callable[[int, torch.Tensor], None] | None = None,
     generator: torch.Generator | None = None,
+    stop_together: Callable[[bool], bool] | None = None,
 ) -> GenerationOutput:
     """Continue each prompt row of ``input_ids`` (B, T), left-padded where ``attention_mask`` is 0.
 
@@ -75,6 +76,9 @@ def generate(
     that order (transformers' order). A row stops after emitting any of ``stop_token_ids`` (default:
     the config's eos ids). ``num_return_sequences`` samples per prompt are adjacent rows (GRPO groups).
     ``on_token(step, tokens)`` is called with each step's (rows,) new tokens (pad for finished rows).
+    ``stop_together(done)`` turns this process's "all rows done" into the decision of every process
+    (see ``doge_cli.train.collective``): where weights are gathered inside each forward, a process
+    whose rows are done keeps stepping (its rows only emit padding) until all processes are done.
     """
     config = model.config
     if stop_token_ids is None:
@@ -121,7 +125,10 @@ def generate(
         finished |= torch.isin(next_tokens, stops)
         if on_token is not None:
             on_token(step, next_tokens)
-        if step == max_new_tokens - 1 or bool(finished.all()):
+        done = bool(finished.all())
+        if stop_together is not None:
+            done = stop_together(done)
+        if step == max_new_tokens - 1 or done:
             break
         attention_mask = torch.cat((attention_mask, torch.ones_like(attention_mask[:, :1])), dim=1)
         position_ids = position_ids[:, -1:] + 1

@@ -1,21 +1,31 @@
-"""Checkpoints that are either complete or absent.
+"""Checkpoints that are either complete or absent, for every distribution mode.
 
-A checkpoint is written into ``RUN/checkpoints/.tmp-step-NNNNNN`` and renamed to
-``step-NNNNNN`` only once every file is on disk, so a run killed mid-write leaves a temporary
-folder that ``--resume auto`` ignores (and the next save removes).
+Layout of ``RUN/checkpoints/step-NNNNNN/``:
 
-Contents: ``model.safetensors`` (the unwrapped model's weights), ``optimizer.pt`` and
-``rng.pt`` (tensors and plain numbers only, so they load with ``torch.load(weights_only=True)``),
-``state.json`` (step, data position, scheduler step, metrics so far) and ``config.yaml``.
+- weights and optimizer state: ``model.safetensors`` (the unwrapped model, never a compile wrapper's
+  prefixed names) and ``optimizer.pt`` when one process holds them whole (one process, DDP); under
+  DeepSpeed or FSDP, which shard them across processes, the files ``accelerate.save_state`` writes;
+- ``rank-NNNNN.pt`` for every process: its RNG states and the metric sums of the logging window
+  not yet logged, so a resumed run logs exactly what a straight run logs;
+- ``config.yaml``: the resolved config of the run;
+- ``state.json``: step, data position, last losses; written last, so its presence marks a complete
+  checkpoint.
+
+Everything is written into ``.tmp-step-NNNNNN`` and renamed once complete, so a run killed mid-write
+leaves a temporary folder that ``--resume auto`` ignores (and the next save removes). ``*.pt`` files
+hold tensors and plain Python values only and are read with ``torch.load(weights_only=True)``.
+
+Reading (:func:`load`) checks every piece and names the one that is broken; :func:`pick_resume`
+falls back from a broken newest checkpoint to the newest one that reads completely.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +35,20 @@ from doge_cli.errors import DogeError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
+WEIGHTS = "model.safetensors"
+OPTIMIZER = "optimizer.pt"
 
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints whose state.json exists (complete once written), oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -43,6 +59,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_DIR.match(Path(path).name).group(1))
+
+
+# ------------------------------------------------------------------------------------------ RNG
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,63 +83,202 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    *,
-    model_state: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-    state: dict[str, Any],
-    config_yaml: str,
-    keep_last: int,
-) -> Path:
-    """Write a complete checkpoint atomically, then prune all but the newest ``keep_last``."""
-    from safetensors.torch import save_file
+# ------------------------------------------------------------------------------------------ write
 
+
+def save(acc, run_dir: Path, step: int, *, model, optimizer, sharded: bool, rank_state: dict[str, Any],
+         state: dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+    """Write checkpoint ``step`` with every process taking part (collective), then prune old ones.
+
+    ``model`` is the prepared model without any compile wrapper; ``rank_state`` this process's own
+    state (its logging window), stored with its RNG states in ``rank-NNNNN.pt``.
+    """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
-    tmp.mkdir()
     try:
-        # safetensors refuses shared storage (tied embeddings): store each tensor once, contiguously.
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()}
-        save_file(tensors, str(tmp / "model.safetensors"))
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        if sharded:  # DeepSpeed / FSDP: accelerate knows how its shards are laid out
+            acc.save_state(str(tmp))
+        elif acc.is_main_process:
+            from safetensors.torch import save_file
+
+            # safetensors refuses shared storage (tied embeddings): store each tensor once, contiguously.
+            weights = acc.unwrap_model(model).state_dict()
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(tmp / WEIGHTS))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save({"rng": rng_state(), **rank_state}, tmp / rank_file(acc.process_index))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": acc.num_processes,
+                                                      "sharded": sharded}, indent=2), encoding="utf-8")
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise DogeError(f"could not write checkpoint {final}: {err.strerror or err}") from None
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
     return final
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (no arbitrary unpickling)."""
+# ------------------------------------------------------------------------------------------ read
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The state.json of a checkpoint, checked; a DogeError names what is wrong with it."""
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DogeError(f"checkpoint {path} has no {STATE_FILE} (an incomplete checkpoint)") from None
+    except (OSError, ValueError) as err:
+        raise DogeError(f"checkpoint {path}: {STATE_FILE} is unreadable ({type(err).__name__})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise DogeError(f"checkpoint {path}: {STATE_FILE} has no step number; it is damaged")
+    return state
+
+
+def _torch_file(path: Path, what: str) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DogeError(f"checkpoint {path.parent} lacks {path.name} ({what})") from None
+    except Exception as err:  # torch.load raises many types for a damaged or foreign file
+        raise DogeError(f"checkpoint {path.parent}: {path.name} ({what}) is damaged or not doge's "
+                        f"({type(err).__name__})") from None
+
+
+def read_pieces(path: Path) -> dict[str, Any]:
+    """Read and check everything of a checkpoint that is not applied collectively.
+
+    Returns ``state``, ``config_yaml``, ``ranks`` (every process's rank file) and, for a checkpoint
+    one process wrote whole, ``model`` and ``optimizer``. Raises DogeError naming the broken piece.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    needed = ["model.safetensors", "optimizer.pt", "rng.pt", STATE_FILE]
-    missing = [n for n in needed if not (path / n).is_file()]
-    if missing:
-        raise DogeError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); "
-                        "pass --resume auto to use the newest complete one")
+    state = read_state(path)
     try:
-        return {
-            "model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-            "rng": torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
-            "state": json.loads((path / STATE_FILE).read_text(encoding="utf-8")),
-            "config_yaml": (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").exists() else "",
-        }
-    except (OSError, ValueError, RuntimeError) as err:
-        raise DogeError(f"checkpoint {path} cannot be read ({type(err).__name__}); "
-                        "delete it or resume from another one") from None
+        config_yaml = (path / "config.yaml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        raise DogeError(f"checkpoint {path} lacks a readable config.yaml") from None
+    saved_world = int(state.get("world_size", 1))
+    ranks = []
+    for r in range(saved_world):
+        if (path / rank_file(r)).is_file() or r > 0:
+            ranks.append(_torch_file(path / rank_file(r), "RNG state and logging window"))
+        else:  # written before per-process files: rank 0's RNG only, in rng.pt
+            ranks.append({"rng": _torch_file(path / "rng.pt", "RNG state")})
+    out = {"state": state, "config_yaml": config_yaml, "ranks": ranks}
+    if not state.get("accelerate_state") and not state.get("sharded"):
+        try:
+            out["model"] = load_file(str(path / WEIGHTS))
+        except FileNotFoundError:
+            raise DogeError(f"checkpoint {path} lacks {WEIGHTS} (the weights)") from None
+        except (SafetensorError, OSError, ValueError) as err:
+            raise DogeError(f"checkpoint {path}: {WEIGHTS} (the weights) is truncated or damaged ({err})") from None
+        out["optimizer"] = _torch_file(path / OPTIMIZER, "optimizer state")
+    return out
+
+
+def pick_resume(run_dir: Path, resume: str, *, log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from and its checked pieces, or None when ``--resume auto`` finds none.
+
+    ``resume="auto"``: the newest checkpoint that reads completely; a broken newer one is named in
+    the log and passed over. Any other value is a checkpoint folder, which must read completely.
+    """
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise DogeError(f"{path} is not a complete checkpoint folder (expected RUN/checkpoints/step-NNNNNN "
+                            f"with a {STATE_FILE}); or pass --resume auto to use the newest complete one")
+        return path, read_pieces(path)
+    candidates = list(reversed(list_checkpoints(run_dir)))
+    problems = []
+    for path in candidates:
+        try:
+            pieces = read_pieces(path)
+        except DogeError as err:
+            problems.append(str(err))
+            log(f"passing over {path.name}: {err}")
+            continue
+        return path, pieces
+    if problems:
+        raise DogeError(f"no checkpoint in {Path(run_dir) / 'checkpoints'} can be resumed ({problems[0]}); "
+                        "pass --overwrite to start the run again")
+    return None
+
+
+def load(acc, path: Path, pieces: dict[str, Any], *, model, optimizer) -> dict[str, Any]:
+    """Apply a checkpoint read by :func:`read_pieces`; returns this process's rank state (window)."""
+    state = pieces["state"]
+    if state.get("accelerate_state") or state.get("sharded"):
+        try:
+            acc.load_state(str(path))
+        except Exception as err:  # accelerate/DeepSpeed raise many types for missing or damaged shards
+            raise DogeError(f"checkpoint {path}: its sharded weights or optimizer state cannot be loaded "
+                            f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+    else:
+        unwrapped = acc.unwrap_model(model)
+        load_weights_strictly(unwrapped, pieces["model"], where=f"checkpoint {path}")
+        try:
+            optimizer.load_state_dict(pieces["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise DogeError(f"checkpoint {path}: optimizer.pt does not match this model's parameters ({err}); "
+                            "resume with the config it was written with") from None
+    ranks = pieces["ranks"]
+    rank = acc.process_index
+    mine = ranks[rank] if rank < len(ranks) else None
+    if len(ranks) != acc.num_processes and acc.is_main_process:
+        print(f"checkpoint {path.name} was written by {len(ranks)} process(es) and resumes on {acc.num_processes}: "
+              "RNG states are carried over where a process has one; losses logged at the next step may differ "
+              "in the last digits", flush=True)
+    set_rng_state((mine or ranks[0])["rng"])
+    if len(ranks) == acc.num_processes:
+        return mine.get("window") or {}
+    # Another process count: the main process carries every process's unlogged sums.
+    if not acc.is_main_process:
+        return {}
+    windows = [r.get("window") or {} for r in ranks]
+    return merge_windows(windows)
+
+
+def merge_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum logging windows of several processes into one."""
+    out: dict[str, Any] = {}
+    for w in windows:
+        for key, value in w.items():
+            if isinstance(value, dict):
+                sub = out.setdefault(key, {})
+                for k, v in value.items():
+                    sub[k] = sub.get(k, 0) + v
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+def load_weights_strictly(model: torch.nn.Module, weights: dict[str, torch.Tensor], *, where: str) -> None:
+    """``load_state_dict`` that accepts nothing missing or unexpected (a tied head may be absent)."""
+    tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
+    expected = set(model.state_dict())
+    missing = expected - set(weights) - tied
+    unexpected = set(weights) - expected
+    if missing or unexpected:
+        raise DogeError(f"{where} does not match the model (missing {sorted(missing)[:3]}, unexpected "
+                        f"{sorted(unexpected)[:3]}); resume or export with the config it was written with")
+    try:  # everything was checked above; strict=False only lets a tied head be absent
+        model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shapes
+        raise DogeError(f"{where} does not fit the model: {str(err).splitlines()[-1].strip()}") from None
+    if tied and hasattr(model, "tie_weights"):
+        model.tie_weights()

@@ -6,14 +6,22 @@ module owns what makes runs correct and repeatable:
 - **Loss normalisation.** An objective returns loss *sums*; each optimizer step divides by the
   number of targets in all its micro-batches on all processes, so batch 1 × 8 accumulation gives
   the gradient of batch 8 × 1.
-- **Data order** is a pure function of (seed, step): sequence ``i`` of the stream is
-  ``perm(seed, epoch)[i mod n]``. A resumed run needs only the step to continue exactly.
-- **Checkpoints** (see :mod:`doge_cli.train.checkpoint`) are atomic; ``resume="auto"`` continues
-  from the newest complete one with the same weights, optimizer, schedule, RNG and data position.
+- **Data order** is a pure function of (seed, data step): sequence ``i`` of the stream is
+  ``perm(seed, epoch)[i mod n]``. A resumed run needs only the step to continue exactly. An
+  objective that trains several optimizer steps on one batch (GRPO's ``num_iterations``) advances
+  the data once per batch, so every row of an epoch is used.
+- **Checkpoints** (:mod:`doge_cli.train.checkpoint`) are atomic and carry each process's RNG and
+  unlogged metric sums: ``resume="auto"`` continues from the newest complete checkpoint and logs and
+  trains exactly what an uninterrupted run does, whatever ``checkpoint.every`` and ``log_every`` are.
+- **Nothing is written before training can start**: the run folder is checked first, then data,
+  tokenizer, model, attention backend and the checkpoint to resume are loaded, and only then is the
+  run folder created (or an earlier run replaced, with ``--overwrite``). A folder that is not a doge
+  run is never replaced.
 - **No host/device synchronisation per step** except on logging steps (loss, grad norm and
   finiteness are kept as device tensors until then).
 
-Reading order: :func:`train` → :func:`_prepare_run_dir` → :class:`Loop`.
+Reading order: :func:`train` → :meth:`Loop.setup` → :meth:`Loop.restore` → :meth:`Loop.open_run_dir`
+→ :meth:`Loop.run` (:meth:`Loop.train_step`, :meth:`Loop.after_step`) → :meth:`Loop.finish`.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import shutil
 import time
 from dataclasses import dataclass
@@ -32,16 +41,18 @@ import torch
 from doge_cli.config.loader import gradient_accumulation_steps, to_yaml
 from doge_cli.config.schema import StageConfig
 from doge_cli.errors import DogeError
+from doge_cli.io import write_text_atomic
 from doge_cli.train import checkpoint as ckpt
 from doge_cli.train.allocator import keep_large_allocations
+from doge_cli.train.collective import gathers_weights_in_forward, stop_together
 from doge_cli.train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_loss_curve
 from doge_cli.train.objectives.base import Objective
 from doge_cli.train.schedules import lr_multiplier
 
 RUN_MARKER = "doge_run.json"
-# Sections whose change makes a checkpoint's continuation a different run.
-RESUME_SENSITIVE = ("stage", "model", "data", "optim", "schedule", "train", "init_from", "dpo", "grpo",
-                    "assistant_only_loss", "packing")
+# Settings that may change when a run is resumed; every other one must equal the checkpoint's.
+RESUME_FREE = ("runtime", "logging", "checkpoint", "output_dir", "hardware", "size")
+SAMPLE_TOKENS = 48  # new tokens of a periodic sample (logging.sample_every)
 
 
 @dataclass
@@ -59,6 +70,8 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
     steps (tests use it to simulate an interruption); the schedule still spans the full run."""
     from accelerate import Accelerator, PartialState
 
+    run_dir = Path(config.output_dir)
+    replace = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     device_cpu = config.runtime.device == "cpu" or (config.runtime.device == "auto" and not torch.cuda.is_available())
     state_kwargs: dict[str, Any] = {"cpu": device_cpu}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and device_cpu:
@@ -69,77 +82,47 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
     state = PartialState(**state_kwargs)
     if state.device.type == "cpu":
         keep_large_allocations()  # reuse the step's large tensors instead of page-faulting them anew
-    world = state.num_processes
-    accum = gradient_accumulation_steps(config, world)
+    accum = gradient_accumulation_steps(config, state.num_processes)
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.runtime.precision]
     accelerator = Accelerator(mixed_precision=mixed, cpu=device_cpu, gradient_accumulation_steps=accum,
                               step_scheduler_with_optimizer=False)
-    run_dir = Path(config.output_dir)
-    resume_from = _prepare_run_dir(run_dir, config, resume=resume, overwrite=overwrite,
-                                   main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone)
-    return Loop(config, objective, accelerator, run_dir, accum, resume_from).run(stop_after)
+    loop = Loop(config, objective, accelerator, run_dir, accum)
+    loop.setup()
+    loop.restore(resume)
+    loop.open_run_dir(replace=replace)
+    return loop.run(stop_after)
 
 
-def _prepare_run_dir(run_dir: Path, config: StageConfig, *, resume: str | None, overwrite: bool,
-                     main: bool, barrier=lambda: None) -> Path | None:
-    """Check the output folder and pick the checkpoint to resume from (None: fresh start).
-
-    Every process checks before any process writes (``barrier`` between), so the main process
-    creating the run marker cannot make the other processes see an "existing run".
-    """
-    is_run = (run_dir / RUN_MARKER).is_file()
-    non_empty = run_dir.exists() and run_dir.is_dir() and any(run_dir.iterdir())
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DogeError(f"output_dir {run_dir} is a file; choose a folder path")
+def check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> bool:
+    """Check the output folder before anything is loaded or written; True when ``--overwrite`` is
+    to replace an earlier doge run there. A folder that is not a doge run is never replaced."""
     if resume and overwrite:
         raise DogeError("--resume and --overwrite contradict each other; pass one of them")
-    found, wipe = None, False
-    if resume:
-        if resume == "auto":
-            if non_empty and not is_run:
-                raise DogeError(f"{run_dir} holds something other than a doge run; cannot resume from it")
-            found = ckpt.latest_checkpoint(run_dir) if is_run else None
-        else:
-            found = Path(resume)
-            if not (found / ckpt.STATE_FILE).is_file():
-                raise DogeError(f"{found} is not a complete checkpoint folder (expected RUN/checkpoints/step-NNNNNN)")
-        if found is not None:
-            _check_resume_config(found, config)
-        elif main:
-            print(f"no checkpoint in {run_dir}; starting from scratch", flush=True)
-    elif non_empty:
-        if not overwrite:
-            what = "an earlier doge run" if is_run else "files that are not a doge run"
-            raise DogeError(f"output_dir {run_dir} already holds {what}; pass --resume auto to continue it, "
-                            "--overwrite to replace it, or choose another output_dir")
-        wipe = True
-    barrier()
-    if main:
-        if wipe:
-            shutil.rmtree(run_dir)
-        _write_marker(run_dir, config)
-    barrier()
-    return found
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DogeError(f"output_dir {run_dir} is a file; choose a folder path")
+    is_run = (run_dir / RUN_MARKER).is_file()
+    non_empty = run_dir.is_dir() and any(run_dir.iterdir())
+    if non_empty and not is_run:
+        raise DogeError(f"output_dir {run_dir} holds files that are not a doge run, and doge never replaces "
+                        "them; choose another output_dir")
+    if is_run and not resume and not overwrite:
+        raise DogeError(f"output_dir {run_dir} already holds a doge run; pass --resume auto to continue it, "
+                        "--overwrite to replace it, or choose another output_dir")
+    return is_run and overwrite
 
 
-def _write_marker(run_dir: Path, config: StageConfig) -> None:
-    from doge_cli import __version__
-    from doge_cli.io import write_text_atomic
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / RUN_MARKER, json.dumps({"stage": config.stage, "doge_version": __version__}))
-    write_text_atomic(run_dir / "config.yaml", to_yaml(config))
-
-
-def _check_resume_config(path: Path, config: StageConfig) -> None:
+def _check_resume_config(path: Path, saved_text: str, config: StageConfig) -> None:
     import yaml
 
-    saved_text = (path / "config.yaml").read_text(encoding="utf-8") if (path / "config.yaml").exists() else ""
-    saved = yaml.safe_load(saved_text) or {}
+    try:
+        saved = yaml.safe_load(saved_text) or {}
+    except yaml.YAMLError:
+        raise DogeError(f"checkpoint {path}: config.yaml is not valid YAML; it is damaged") from None
     now = yaml.safe_load(to_yaml(config))
     diffs = []
-    for key in RESUME_SENSITIVE:
-        diffs += _diff(saved.get(key), now.get(key), key)
+    for key in sorted(set(saved) | set(now)):
+        if key not in RESUME_FREE:
+            diffs += _diff(saved.get(key), now.get(key), key)
     if diffs:
         shown = ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
         raise DogeError(f"cannot resume from {path}: the config changed ({shown}); restore those settings, "
@@ -178,52 +161,85 @@ def data_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``i``: the collated micro-batches of optimizer step ``start + i`` on one process, a pure
+    function of the step, so background workers build exactly what the loop would build itself."""
+
+    def __init__(self, objective: Objective, *, micro: int, accum: int, world: int, rank: int, seed: int,
+                 start: int, end: int):
+        self.obj, self.micro, self.accum, self.world, self.rank, self.seed = objective, micro, accum, world, rank, seed
+        self.start, self.end = start, end
+        self._perm_cache: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> list[dict[str, Any]]:
+        return self.for_step(self.start + i)
+
+    def for_step(self, step: int) -> list[dict[str, Any]]:
+        return [self.micro_batch(step, m) for m in range(self.accum)]
+
+    def rows(self, step: int, micro_index: int, n: int) -> list[int]:
+        """Rows of micro-batch ``micro_index`` of optimizer ``step`` on this process."""
+        data_step = step // self.obj.steps_per_batch
+        start = data_step * self.micro * self.accum * self.world + (micro_index * self.world + self.rank) * self.micro
+        out = []
+        for pos in range(start, start + self.micro):
+            epoch, offset = divmod(pos, n)
+            if self._perm_cache is None or self._perm_cache[0] != epoch:
+                self._perm_cache = (epoch, data_order(self.seed, epoch, n))
+            out.append(int(self._perm_cache[1][offset]))
+        return out
+
+    def micro_batch(self, step: int, micro_index: int) -> dict[str, Any]:
+        data = self.obj.train_data
+        indices = self.rows(step, micro_index, len(data))
+        rows = data[indices]
+        rows = [{**dict(zip(rows, vals)), "_row": i} for vals, i in zip(zip(*rows.values()), indices)]
+        return self.obj.collate(rows)
+
+
 class Loop:
-    def __init__(self, config: StageConfig, objective: Objective, accelerator, run_dir: Path, accum: int,
-                 resume_from: Path | None):
+    """One run: :meth:`setup`, :meth:`restore`, :meth:`open_run_dir`, then :meth:`run`."""
+
+    def __init__(self, config: StageConfig, objective: Objective, accelerator, run_dir: Path, accum: int):
         self.config = config
         self.obj = objective
         self.acc = accelerator
         self.run_dir = run_dir
         self.accum = accum
-        self.resume_from = resume_from
         self.world = accelerator.num_processes
         self.rank = accelerator.process_index
         self.micro = config.runtime.micro_batch_size
+        self.model = None  # the prepared model (DDP/DeepSpeed/FSDP wrapper), never a compile wrapper
+        self.train_model = None  # what the forward passes go through: ``model``, or torch.compile of it
+        self.optimizer = None
+        self.resume_from: Path | None = None
+        self.start_step = 0
+        self.last_loss: float | None = None
+        self.eval_loss: float | None = None
+        self.window = self._new_window()
+        self.grad_norm = torch.zeros((), device=accelerator.device)
+        self.finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+        self.logger: MetricsLogger | None = None
 
-    # -- data order -------------------------------------------------------------------------
-    def _indices(self, step: int, micro_index: int, split_len: int) -> list[int]:
-        """Rows of micro-batch ``micro_index`` of optimizer ``step`` on this process."""
-        per_step = self.micro * self.accum * self.world
-        start = step * per_step + (micro_index * self.world + self.rank) * self.micro
-        out = []
-        for pos in range(start, start + self.micro):
-            epoch, offset = divmod(pos, split_len)
-            out.append(int(self._perm(epoch, split_len)[offset]))
-        return out
+    def say(self, text: str) -> None:
+        if self.acc.is_main_process:
+            print(text, flush=True)
 
-    def _perm(self, epoch: int, n: int) -> torch.Tensor:
-        cache = getattr(self, "_perm_cache", None)
-        if cache is None or cache[0] != epoch:
-            self._perm_cache = (epoch, data_order(self.config.train.seed, epoch, n))
-        return self._perm_cache[1]
+    # -- phases -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Data, tokenizer, model, optimizer, distribution wrappers and reference models; writes nothing."""
+        from doge_cli.model.attention import check_backend_runs, resolve_backend
+        from doge_cli.train.objectives.pt import _unwrap
 
-    def _batch(self, step: int, micro_index: int) -> dict[str, torch.Tensor]:
-        data = self.obj.train_data
-        indices = self._indices(step, micro_index, len(data))
-        rows = data[indices]
-        rows = [{**dict(zip(rows, vals)), "_row": i} for vals, i in zip(zip(*rows.values()), indices)]
-        return self.obj.collate(rows)
-
-    # -- the run ------------------------------------------------------------------------------
-    def run(self, stop_after: int | None) -> TrainResult:
         cfg, acc = self.config, self.acc
         torch.manual_seed(cfg.train.seed)
-        import random
-
         random.seed(cfg.train.seed)
         self.obj.setup()
         model = self.obj.build_model()
+        check_backend_runs(resolve_backend(getattr(model, "attn_requested", "auto"), acc.device), acc.device)
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
@@ -232,231 +248,331 @@ class Loop:
             eps=cfg.optim.eps, fused=fused,
         )
         self._configure_deepspeed()
-        model, optimizer = acc.prepare(model, optimizer)
-        if cfg.runtime.compile:
-            model = torch.compile(model)
-        self.obj.after_prepare(model, acc)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # Checkpoints and the export read self.model, so a compile wrapper never renames their weights.
+        self.train_model = torch.compile(self.model) if cfg.runtime.compile else self.model
+        self.obj.after_prepare(self.model, acc)
+        self.module = _unwrap(self.model)
 
-        n_train = len(self.obj.train_data)
-        per_step = cfg.train.global_batch_size
-        total = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * n_train / per_step))
-        start_step, history = 0, {}
-        if self.resume_from is not None:
-            start_step, history = self._restore(model, optimizer)
-        logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
-                               total_steps=total, resume_step=start_step)
-        logger.message(
+    def restore(self, resume: str | None) -> None:
+        """Load the checkpoint to continue from (``--resume``), falling back past broken ones for ``auto``."""
+        if not resume:
+            return
+        found = ckpt.pick_resume(self.run_dir, resume, log=self.say)
+        if found is None:
+            self.say(f"no checkpoint in {self.run_dir}; starting from scratch")
+            return
+        path, pieces = found
+        _check_resume_config(path, pieces["config_yaml"], self.config)
+        window = ckpt.load(self.acc, path, pieces, model=self.model, optimizer=self.optimizer)
+        state = pieces["state"]
+        self.resume_from, self.start_step = path, int(state["step"])
+        self.last_loss, self.eval_loss = state.get("last_loss"), state.get("eval_loss")
+        self.window = self._window_from(window)
+
+    def open_run_dir(self, *, replace: bool) -> None:
+        """Create the run folder (replacing an earlier doge run with ``--overwrite``): training starts."""
+        from doge_cli import __version__
+
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            if replace:
+                shutil.rmtree(self.run_dir)  # check_run_dir made sure it is a doge run
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / RUN_MARKER,
+                              json.dumps({"stage": self.config.stage, "doge_version": __version__}))
+            write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.config))
+        self.acc.wait_for_everyone()
+
+    def total_steps(self) -> int:
+        cfg = self.config
+        if cfg.train.max_steps:
+            return cfg.train.max_steps
+        batches = max(1, math.ceil(cfg.train.num_epochs * len(self.obj.train_data) / cfg.train.global_batch_size))
+        return batches * self.obj.steps_per_batch
+
+    def run(self, stop_after: int | None) -> TrainResult:
+        cfg, acc = self.config, self.acc
+        total = self.total_steps()
+        self.logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
+                                    total_steps=total, resume_step=self.start_step)
+        self.logger.message(
             f"{cfg.stage}: {total} optimizer steps x {cfg.train.global_batch_size} sequences "
             f"(micro batch {self.micro} x accumulation {self.accum} x {self.world} process"
             f"{'es' if self.world > 1 else ''}), {_launcher_name(acc)} on {acc.device}, "
-            f"{cfg.runtime.precision}, attention {getattr(acc.unwrap_model(model), 'attn_implementation', '?')}"
+            f"{cfg.runtime.precision}, attention {getattr(self.module, 'attn_implementation', '?')}"
         )
         if self.resume_from is not None:
-            logger.message(f"resumed from {self.resume_from} at step {start_step}")
-        flops_per_target = self.obj.flops_per_target()
-        peak, _ = peak_flops(acc.device.type, cfg.runtime.precision) if flops_per_target else (None, "")
-
-        last_loss = history.get("last_loss")
-        eval_loss = history.get("eval_loss")
-        window = self._new_window()
-        grad_norm = torch.zeros((), device=acc.device)
-        finite = torch.ones((), dtype=torch.bool, device=acc.device)
-        step = start_step
-        end = total if stop_after is None else min(total, start_step + stop_after)
-        model.train()
+            self.logger.message(f"resumed from {self.resume_from} at step {self.start_step}")
+        self.flops_per_target = self.obj.flops_per_target()
+        self.peak = peak_flops(acc.device.type, cfg.runtime.precision)[0] if self.flops_per_target else None
+        step = self.start_step
+        end = total if stop_after is None else min(total, self.start_step + stop_after)
+        self.train_model.train()
+        self.window["t0"] = time.perf_counter()
         try:
-            while step < end:
-                mult = lr_multiplier(step, total, cfg.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.optim.lr * mult
-                batches = [self._batch(step, m) for m in range(self.accum)]
-                self.obj.step = step
-                batches = self.obj.prepare_step(model, batches)
-                local = sum(self.obj.count_targets(b) for b in batches)
-                n_global = acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum").clamp(min=1.0)
-                for batch in batches:
-                    batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                    with acc.accumulate(model), acc.autocast():
-                        out = self.obj.loss(model, batch)
-                        # accelerate divides by the accumulation steps and DDP averages over
-                        # processes; undo both so the step's gradient is sum / all targets.
-                        acc.backward(out.loss_sum * (self.world * self.accum) / n_global)
-                        if acc.sync_gradients:
-                            max_norm = cfg.optim.max_grad_norm or float("inf")
-                            grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    window["loss"] += out.loss_sum.detach().float()
-                    finite &= torch.isfinite(out.loss_sum.detach())
-                    for key, value in out.metrics.items():
-                        window["metrics"][key] = window["metrics"].get(key, 0.0) + value.detach().float()
-                    for key, value in out.stats.items():
-                        window["stats"][key] = window["stats"].get(key, 0.0) + value.detach().float()
-                    window["micro_batches"] += 1
-                    window["tokens"] += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
-                window["targets"] += local
-                window["steps"] += 1
+            for batches in self._step_batches(step, end):
+                self.train_step(step, total, batches)
                 step += 1
-
-                is_last = step == end
-                if step % cfg.logging.log_every == 0 or is_last:
-                    record = self._log_record(step, mult, window, grad_norm, flops_per_target, peak)
-                    if not math.isfinite(record["loss"]) or self._any_nonfinite(finite):
-                        raise DogeError(self._divergence_message(step))
-                    last_loss = record["loss"]
-                    window = self._new_window()
-                    if (cfg.logging.eval_every and step % cfg.logging.eval_every == 0) or step == total:
-                        eval_loss = self.evaluate(model)
-                        if eval_loss is not None:
-                            record.update(eval_loss=eval_loss, eval_ppl=math.exp(min(eval_loss, 50)))
-                    logger.log(record)
-                if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or (is_last and step < total):
-                    if self._any_nonfinite(finite):
-                        raise DogeError(self._divergence_message(step))
-                    self._save(model, optimizer, step, {"last_loss": last_loss, "eval_loss": eval_loss})
+                self.after_step(step, total, end)
         finally:
-            logger.close()
+            self.logger.close()
+        return self.finish(step, total)
+
+    def train_step(self, step: int, total: int, batches: list[dict[str, Any]]) -> None:
+        """One optimizer step: its micro-batches' loss sums divided by the step's targets on all processes."""
+        cfg, acc, window = self.config, self.acc, self.window
+        mult = lr_multiplier(step, total, cfg.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * mult
+        self.obj.step = step
+        batches = self.obj.prepare_step(self.model, batches)
+        local = sum(self.obj.count_targets(b) for b in batches)
+        n_global = acc.reduce(torch.tensor(float(local), device=acc.device), reduction="sum").clamp(min=1.0)
+        for batch in batches:
+            batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            with acc.accumulate(self.train_model), acc.autocast():
+                out = self.obj.loss(self.train_model, batch)
+                # accelerate divides by the accumulation steps and DDP averages over
+                # processes; undo both so the step's gradient is sum / all targets.
+                acc.backward(out.loss_sum * (self.world * self.accum) / n_global)
+                if acc.sync_gradients:
+                    # Under DeepSpeed the engine clipped and stepped inside backward (gradient_clipping is
+                    # set from optim.max_grad_norm); this returns the norm of this very step.
+                    max_norm = cfg.optim.max_grad_norm or float("inf")
+                    norm = acc.clip_grad_norm_(self.train_model.parameters(), max_norm)
+                    self.grad_norm = torch.as_tensor(norm if norm is not None else float("nan"),
+                                                     device=acc.device, dtype=torch.float32)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window["loss"] += out.loss_sum.detach().float()
+            self.finite &= torch.isfinite(out.loss_sum.detach())
+            for key, value in out.metrics.items():
+                window["metrics"][key] = window["metrics"].get(key, 0.0) + value.detach().float()
+            for key, value in out.stats.items():
+                window["stats"][key] = window["stats"].get(key, 0.0) + value.detach().float()
+            window["micro_batches"] += 1
+            window["tokens"] += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+        window["targets"] += local
+        window["steps"] += 1
+
+    def after_step(self, step: int, total: int, end: int) -> None:
+        """Log, evaluate, sample, check for divergence and checkpoint, as the config asks."""
+        cfg = self.config.logging
+        eval_due = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
+        sample_due = bool(cfg.sample_every and step % cfg.sample_every == 0)
+        if step % cfg.log_every == 0 or step == total or eval_due or sample_due:
+            record = self._log_record(step, total)
+            if not math.isfinite(record["loss"]) or self._any_nonfinite():
+                raise DogeError(self._divergence_message(step))
+            self.last_loss = record["loss"]
+            self.window = self._new_window()
+            if eval_due:
+                self.eval_loss = self.evaluate()
+                if self.eval_loss is not None:
+                    record.update(eval_loss=self.eval_loss, eval_ppl=math.exp(min(self.eval_loss, 50)))
+            if sample_due:
+                record["sample"] = self.sample()
+            self.logger.log(record)
+        every = self.config.checkpoint.every
+        if (every and step % every == 0) or (step == end and step < total):
+            if self._any_nonfinite():
+                raise DogeError(self._divergence_message(step))
+            self._save(step)
+
+    def finish(self, step: int, total: int) -> TrainResult:
         final_dir = None
         if step == total:
-            final_dir = self._export(model)
-            if acc.is_main_process:
+            final_dir = self._export()
+            if self.acc.is_main_process:
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
-        acc.wait_for_everyone()
-        return TrainResult(self.run_dir, final_dir, step, last_loss, eval_loss)
+        self.acc.wait_for_everyone()
+        return TrainResult(self.run_dir, final_dir, step, self.last_loss, self.eval_loss)
+
+    # -- data ---------------------------------------------------------------------------------
+    def _step_batches(self, start: int, end: int):
+        """The micro-batches of steps ``start .. end - 1``, built in ``runtime.dataloader_workers``
+        background processes when that is above 0 (same batches, in the same order)."""
+        source = StepBatches(self.obj, micro=self.micro, accum=self.accum, world=self.world, rank=self.rank,
+                             seed=self.config.train.seed, start=start, end=end)
+        workers = self.config.runtime.dataloader_workers
+        if workers == 0 or end <= start:
+            for step in range(start, end):
+                yield source.for_step(step)
+            return
+        import multiprocessing
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            raise DogeError("runtime.dataloader_workers > 0 needs the 'fork' start method, which this platform "
+                            "lacks; set runtime.dataloader_workers=0")
+        # Workers are forked: they share the loaded datasets and tokenizer instead of pickling them.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        loader = torch.utils.data.DataLoader(
+            source, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
+            pin_memory=self.acc.device.type == "cuda", multiprocessing_context="fork",
+        )
+        yield from loader
 
     # -- pieces ---------------------------------------------------------------------------------
     def _configure_deepspeed(self) -> None:
         plugin = getattr(self.acc.state, "deepspeed_plugin", None)
-        if plugin is not None:
-            # No dataloader goes through accelerate, so tell DeepSpeed the micro batch ourselves.
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro
-            plugin.deepspeed_config["gradient_accumulation_steps"] = self.accum
-            plugin.deepspeed_config.setdefault("gradient_clipping", self.config.optim.max_grad_norm or 1e9)
+        if plugin is None:
+            return
+        ds = plugin.deepspeed_config
+        # No dataloader goes through accelerate, so tell DeepSpeed the micro batch ourselves.
+        ds["train_micro_batch_size_per_gpu"] = self.micro
+        ds["gradient_accumulation_steps"] = self.accum
+        # DeepSpeed clips inside its own step: give it optim.max_grad_norm (0 turns clipping off), or
+        # accelerate would fill "auto" with 1.0 whatever the config says.
+        want = float(self.config.optim.max_grad_norm)
+        given = ds.get("gradient_clipping", "auto")
+        if given in ("auto", None):
+            ds["gradient_clipping"] = want
+        elif float(given) != want:
+            raise DogeError(f"the DeepSpeed config sets gradient_clipping {given} but optim.max_grad_norm is {want}; "
+                            "make them agree (or write \"auto\" in the JSON to take doge's value)")
 
-    def _new_window(self) -> dict[str, Any]:
-        return {"loss": torch.zeros((), device=self.acc.device), "targets": 0, "tokens": 0, "steps": 0,
-                "metrics": {}, "stats": {}, "micro_batches": 0, "t0": time.perf_counter()}
+    @staticmethod
+    def _new_window() -> dict[str, Any]:
+        return {"loss": 0.0, "targets": 0, "tokens": 0, "steps": 0, "metrics": {}, "stats": {}, "micro_batches": 0,
+                "t0": time.perf_counter()}
 
-    def _log_record(self, step, mult, window, grad_norm, flops_per_target, peak) -> dict[str, Any]:
-        acc = self.acc
+    def _window_state(self) -> dict[str, Any]:
+        """The unlogged sums of this process, as plain numbers (fp32 values, so they restore exactly)."""
+        w = self.window
+        return {"loss": float(w["loss"]), "targets": w["targets"], "tokens": w["tokens"], "steps": w["steps"],
+                "micro_batches": w["micro_batches"], "metrics": {k: float(v) for k, v in w["metrics"].items()},
+                "stats": {k: float(v) for k, v in w["stats"].items()}}
+
+    def _window_from(self, saved: dict[str, Any]) -> dict[str, Any]:
+        window = self._new_window()
+        if not saved:
+            return window
+
+        def tensor(value):
+            return torch.tensor(value, dtype=torch.float32, device=self.acc.device)
+
+        window.update({k: saved.get(k, 0) for k in ("targets", "tokens", "steps", "micro_batches")})
+        window["loss"] = tensor(saved.get("loss", 0.0))
+        window["metrics"] = {k: tensor(v) for k, v in saved.get("metrics", {}).items()}
+        window["stats"] = {k: tensor(v) for k, v in saved.get("stats", {}).items()}
+        return window
+
+    def _log_record(self, step: int, total: int) -> dict[str, Any]:
+        acc, window = self.acc, self.window
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        loss_sum = acc.reduce(window["loss"].clone(), reduction="sum")
+        loss = window["loss"]
+        loss = loss.clone() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), device=acc.device)
+        loss_sum = acc.reduce(loss, reduction="sum")
         targets = acc.reduce(torch.tensor(float(window["targets"]), device=acc.device), reduction="sum")
         tokens = window["tokens"] * self.world
         record: dict[str, Any] = {
             "step": step,
             "loss": float(loss_sum / targets.clamp(min=1)),
-            "lr": self.config.optim.lr * mult,
-            "grad_norm": float(grad_norm),
+            "lr": self.config.optim.lr * lr_multiplier(step - 1, total, self.config.schedule),
+            "grad_norm": float(self.grad_norm),
             "tokens_per_s": tokens / elapsed,
             "mem_gb": peak_memory_gb(acc.device.type),
         }
-        if flops_per_target and peak:
-            record["mfu"] = flops_per_target * tokens / elapsed / (peak * self.world)
+        if self.flops_per_target and self.peak:
+            record["mfu"] = self.flops_per_target * tokens / elapsed / (self.peak * self.world)
         for key, value in window["metrics"].items():
             record[key] = float(acc.reduce(value.clone(), reduction="sum") / targets.clamp(min=1))
+        micro_batches = acc.reduce(torch.tensor(float(window["micro_batches"]), device=acc.device), reduction="sum")
         for key, value in window["stats"].items():
-            record[key] = float(acc.reduce(value.clone(), reduction="sum")) / max(window["micro_batches"] * self.world, 1)
+            record[key] = float(acc.reduce(value.clone(), reduction="sum") / micro_batches.clamp(min=1))
         return record
 
-    def _any_nonfinite(self, finite: torch.Tensor) -> bool:
-        return bool(self.acc.reduce((~finite).float(), reduction="sum") > 0)
+    def _any_nonfinite(self) -> bool:
+        return bool(self.acc.reduce((~self.finite).float(), reduction="sum") > 0)
 
     def _divergence_message(self, step: int) -> str:
         last = ckpt.latest_checkpoint(self.run_dir)
         keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
         return (f"the loss became NaN or infinite by step {step}; {keep}. Lower optim.lr, raise "
-                "optim.warmup, or use runtime.precision=fp32, then resume with --resume auto")
+                "schedule.warmup_ratio, or use runtime.precision=fp32, then resume with --resume auto")
 
     @torch.no_grad()
-    def evaluate(self, model) -> float | None:
+    def evaluate(self) -> float | None:
+        """Mean eval loss over the first ``logging.eval_batches`` micro-batches of the eval split.
+
+        The same rows whatever the process count; every process runs the same number of forwards (one
+        with no rows of its own repeats the first batch and drops the result), as ZeRO-3 requires.
+        """
         data = self.obj.eval_data
         if data is None or len(data) == 0:
             return None
+        acc, model = self.acc, self.train_model
         model.eval()
-        total = torch.zeros((), device=self.acc.device)
+        total = torch.zeros((), device=acc.device)
         targets = 0
-        n = min(len(data), self.config.logging.eval_batches * self.micro)  # same rows whatever the world size
-        for start in range(self.rank * self.micro, n, self.micro * self.world):
-            rows = data[start:min(start + self.micro, n)]
-            rows = [{**dict(zip(rows, vals)), "_row": start + j} for j, vals in enumerate(zip(*rows.values()))]
-            batch = {k: (v.to(self.acc.device) if isinstance(v, torch.Tensor) else v)
+        n = min(len(data), self.config.logging.eval_batches * self.micro)
+        for i in range(math.ceil(n / (self.micro * self.world))):
+            start = (i * self.world + self.rank) * self.micro
+            mine = start < n
+            lo = start if mine else 0
+            rows = data[lo:min(lo + self.micro, n)]
+            rows = [{**dict(zip(rows, vals)), "_row": lo + j} for j, vals in enumerate(zip(*rows.values()))]
+            batch = {k: (v.to(acc.device) if isinstance(v, torch.Tensor) else v)
                      for k, v in self.obj.collate(rows).items()}
-            with self.acc.autocast():
+            with acc.autocast():
                 out = self.obj.eval_loss(model, batch)
-            total += out.loss_sum.float()
-            targets += self.obj.count_targets(batch)
+            if mine:
+                total += out.loss_sum.float()
+                targets += self.obj.count_targets(batch)
         model.train()
-        total = self.acc.reduce(total, reduction="sum")
-        count = self.acc.reduce(torch.tensor(float(targets), device=self.acc.device), reduction="sum")
+        total = acc.reduce(total, reduction="sum")
+        count = acc.reduce(torch.tensor(float(targets), device=acc.device), reduction="sum")
         return float(total / count.clamp(min=1))
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """A greedy continuation of ``logging.sample_prompt`` (as a user turn for chat stages)."""
+        from doge_cli.model import generate
+
+        acc, tok = self.acc, self.obj.tokenizer
+        prompt = self.config.logging.sample_prompt
+        if self.config.stage != "pt" and tok.chat_template:
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                          add_generation_prompt=True, return_dict=True)["input_ids"]
+        else:
+            ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok(
+                prompt, add_special_tokens=False)["input_ids"]
+        collective = gathers_weights_in_forward(acc)
+        text = ""
+        if acc.is_main_process or collective:  # under ZeRO-3/FSDP every process takes part in each forward
+            model = self.module
+            model.eval()
+            with acc.autocast():
+                out = generate(model, torch.tensor([ids], device=acc.device), max_new_tokens=SAMPLE_TOKENS,
+                               stop_together=stop_together(acc))
+            model.train()
+            text = tok.decode(out.new_tokens[0, :int(out.lengths[0])], skip_special_tokens=True)
+        return text
 
     def _uses_sharded_state(self) -> bool:
         from accelerate.utils import DistributedType
 
         return self.acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
-    def _save(self, model, optimizer, step: int, history: dict[str, Any]) -> None:
-        acc = self.acc
-        state = {"step": step, "data_position": step * self.config.train.global_batch_size, **history}
-        if self._uses_sharded_state():
-            # DeepSpeed/FSDP shard optimizer state across processes: accelerate knows the layout.
-            root = self.run_dir / "checkpoints"
-            tmp = root / f".tmp-{ckpt.step_dir_name(step)}"
-            if acc.is_main_process:
-                root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-            acc.wait_for_everyone()
-            acc.save_state(str(tmp))
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                (tmp / "config.yaml").write_text(to_yaml(self.config), encoding="utf-8")
-                (tmp / ckpt.STATE_FILE).write_text(json.dumps({**state, "accelerate_state": True}), encoding="utf-8")
-                final = root / ckpt.step_dir_name(step)
-                shutil.rmtree(final, ignore_errors=True)
-                os.replace(tmp, final)
-                for old in ckpt.list_checkpoints(self.run_dir)[:-self.config.checkpoint.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-            acc.wait_for_everyone()
-            return
-        if acc.is_main_process:
-            ckpt.save_checkpoint(
-                self.run_dir, step, model_state=acc.unwrap_model(model).state_dict(),
-                optimizer_state=optimizer.state_dict(), state=state, config_yaml=to_yaml(self.config),
-                keep_last=self.config.checkpoint.keep_last,
-            )
-        acc.wait_for_everyone()
+    def _save(self, step: int) -> None:
+        state = {"step": step, "data_position": (step // self.obj.steps_per_batch) * self.config.train.global_batch_size,
+                 "last_loss": self.last_loss, "eval_loss": self.eval_loss}
+        ckpt.save(self.acc, self.run_dir, step, model=self.model, optimizer=self.optimizer,
+                  sharded=self._uses_sharded_state(), rank_state={"window": self._window_state()}, state=state,
+                  config_yaml=to_yaml(self.config), keep_last=self.config.checkpoint.keep_last)
 
-    def _restore(self, model, optimizer) -> tuple[int, dict[str, Any]]:
-        path = self.resume_from
-        state = json.loads((path / ckpt.STATE_FILE).read_text(encoding="utf-8"))
-        if state.get("accelerate_state"):
-            self.acc.load_state(str(path))
-        else:
-            loaded = ckpt.load_checkpoint(path)
-            unwrapped = self.acc.unwrap_model(model)
-            missing, unexpected = unwrapped.load_state_dict(loaded["model"], strict=False)
-            tied = {"lm_head.weight"} if getattr(unwrapped.config, "tie_word_embeddings", False) else set()
-            if set(missing) - tied or unexpected:
-                raise DogeError(f"checkpoint {path} does not match the model (missing {sorted(missing)[:3]}, "
-                                f"unexpected {sorted(unexpected)[:3]}); resume with the config it was written with")
-            optimizer.load_state_dict(loaded["optimizer"])
-            ckpt.set_rng_state(loaded["rng"])
-        return int(state["step"]), state
-
-    def _export(self, model) -> Path | None:
+    def _export(self) -> Path | None:
         """Write RUN/final as a Hugging Face model folder (full weights gathered under ZeRO-3/FSDP)."""
         from doge_cli.model import DogeForCausalLM, save_pretrained
 
         acc = self.acc
-        full_state = acc.get_state_dict(model)
+        full_state = acc.get_state_dict(self.model)
         final = self.run_dir / "final"
         if acc.is_main_process:
-            unwrapped = acc.unwrap_model(model)
-            export = DogeForCausalLM(unwrapped.config, attn_implementation="eager")
-            export.load_state_dict({k: v.detach().float().cpu() for k, v in full_state.items()}, strict=False)
-            if export.config.tie_word_embeddings:
-                export.lm_head.weight = export.model.embed_tokens.weight
+            export = DogeForCausalLM(self.module.config, attn_implementation="eager")
+            ckpt.load_weights_strictly(export, {k: v.detach().float().cpu() for k, v in full_state.items()},
+                                       where="the trained weights")
             save_pretrained(export, final, tokenizer=self.obj.tokenizer)
         acc.wait_for_everyone()
         return final

@@ -36,6 +36,9 @@ class Objective:
     """Base class of a stage. Subclasses set ``stage`` and implement the abstract methods."""
 
     stage = "base"
+    steps_per_batch = 1
+    """Optimizer steps trained on each batch of rows; the data advances once per batch (GRPO's
+    ``num_iterations`` reuses one batch of rollouts for several steps)."""
 
     def __init__(self, config: StageConfig):
         self.config = config

@@ -39,7 +39,10 @@ def load_start_model(config, tokenizer):
     from doge_cli.model import load_model
 
     init = require_init_from(config)
-    model = load_model(init, attn_implementation=config.runtime.attn_implementation, allow_legacy=False)
+    # fp32 master weights whatever the checkpoint's dtype (hub models are often bf16): mixed precision
+    # comes from autocast (runtime.precision), as in pretraining; bf16 weights would lose small updates.
+    model = load_model(init, attn_implementation=config.runtime.attn_implementation, allow_legacy=False,
+                       dtype=torch.float32)
     vocab = len(tokenizer)
     if model.config.vocab_size < vocab:
         raise DogeError(f"the tokenizer has {vocab} tokens but model {init} has a vocabulary of "

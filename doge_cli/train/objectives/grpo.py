@@ -19,9 +19,11 @@ A group never straddles micro-batches, so its advantages are exact.
 
 **num_iterations** (mu): rollouts are generated every mu optimizer steps and reused by the mu - 1
 steps that follow, with the log-probabilities of the policy that sampled them stored as the
-"old" policy of the ratio. They are also written under ``RUN/rollouts/`` so a run resumed between
-two generations continues with the very same rollouts. The optimizer step is read from the
-optimizer's own step count, which the core restores on resume.
+"old" policy of the ratio. As in TRL, each batch of prompts serves mu optimizer steps and the data
+advances once per batch (``steps_per_batch``), so every prompt of an epoch is used and an epoch
+takes mu times as many steps. Rollouts are also written under ``RUN/rollouts/`` (tensors and plain
+values, read with ``torch.load(weights_only=True)``) so a run resumed between two generations
+continues with the very same rollouts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from doge_cli.errors import DogeError
+from doge_cli.train.collective import stop_together
 from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict
 from doge_cli.train.objectives.common import (
     chat_tokenizer,
@@ -130,6 +133,10 @@ class GRPOObjective(Objective):
         self.ref_model = None
         self._rollouts: tuple[int, list[dict[str, Any]]] | None = None
 
+    @property
+    def steps_per_batch(self) -> int:
+        return self.config.grpo.num_iterations
+
     def _check_prompt_lengths(self) -> None:
         limit = self.config.grpo.max_prompt_length
         ids = self.tokenizer.apply_chat_template(list(self.train_data["prompt"]), tokenize=True, add_generation_prompt=True,
@@ -201,7 +208,8 @@ class GRPOObjective(Objective):
         with self.acc.autocast():
             result = generate(policy, batch["prompt_ids"].to(dev), batch["prompt_mask"].to(dev),
                               max_new_tokens=sec.max_completion_length, do_sample=True, temperature=sec.temperature,
-                              top_p=sec.top_p, pad_token_id=tok.pad_token_id, num_return_sequences=g, generator=gen)
+                              top_p=sec.top_p, pad_token_id=tok.pad_token_id, num_return_sequences=g, generator=gen,
+                              stop_together=stop_together(self.acc))
         completion = result.new_tokens
         lengths = result.lengths
         width = completion.shape[1]
@@ -276,7 +284,7 @@ class GRPOObjective(Objective):
         # Keep what the oldest kept checkpoint may need to resume.
         kept = ckpt.list_checkpoints(Path(self.config.output_dir))
         mu = self.config.grpo.num_iterations
-        oldest = min([step] + [_checkpoint_step(p) for p in kept])
+        oldest = min([step] + [ckpt.checkpoint_step(p) for p in kept])
         oldest -= oldest % mu
         for old in path.parent.glob(f"step-*-rank{self.acc.process_index}.pt"):
             if int(old.name[5:11]) < oldest:
@@ -288,8 +296,12 @@ class GRPOObjective(Objective):
             raise DogeError(f"cannot resume GRPO mid-iteration: the rollouts of step {step} ({path}) are missing; "
                             "resume from a checkpoint at a multiple of grpo.num_iterations or pass --overwrite")
         dev = self.acc.device
-        out = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-               for b in torch.load(path, weights_only=False)]
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types for a damaged or foreign file
+            raise DogeError(f"the rollouts of step {step} ({path}) are damaged or not doge's ({type(err).__name__}); "
+                            "resume from a checkpoint at a multiple of grpo.num_iterations or pass --overwrite") from None
+        out = [{k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in saved]
         self._rollouts = (step, out)
         return out
 
@@ -306,7 +318,3 @@ class GRPOObjective(Objective):
         )
         stats.update(batch["stats"])
         return LossOutput(loss_sum, {}, {k: v.detach().float().to(loss_sum.device) for k, v in stats.items()})
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("-")[-1])

@@ -42,6 +42,29 @@ def next_token_labels(input_ids: torch.Tensor, position_ids: torch.Tensor | None
     return labels
 
 
+def padding_targets(input_ids: torch.Tensor, position_ids: torch.Tensor | None, pad_id: int) -> torch.Tensor:
+    """Bool (B, T): targets (``labels[t]``, the token after ``t``) that belong to the packer's padding.
+
+    The packer fills the end of a source's last block with the pad token as a document of its own
+    (positions restart at 0 where it starts), so with ``position_ids`` the padding is the row's last
+    document when it holds nothing but pad tokens: found by position, not by the pad id alone, so a
+    tokenizer whose pad token is also its EOS keeps every real end-of-document target (the target
+    entering the padding is already cut by the document boundary). Without ``position_ids`` a row is
+    one document and its trailing run of pad tokens is the padding, entry target included.
+    """
+    _, t = input_ids.shape
+    cols = torch.arange(t, device=input_ids.device)
+    if position_ids is None:
+        run = (input_ids == pad_id).flip(-1).cumprod(-1).flip(-1).bool()
+        entering = torch.zeros_like(run)
+        entering[:, :-1] = run[:, 1:]
+        return run | entering
+    starts = position_ids == 0
+    last_start = torch.where(starts, cols, torch.zeros_like(cols)).amax(-1, keepdim=True)
+    tail = cols[None] >= last_start
+    return tail & ((input_ids == pad_id) | ~tail).all(-1, keepdim=True)
+
+
 def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
     """Sum of next-token cross-entropies, through the fused linear cross-entropy (no full logits).
 
@@ -101,6 +124,11 @@ class PretrainObjective(Objective):
         recorded = tokenizer_from_manifest(cfg.data.path)
         init_dirs = [Path(cfg.init_from)] if cfg.init_from else []
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or recorded, init_dirs)
+        tok = self.tokenizer
+        if "position_ids" not in self.train_data.column_names and tok.pad_token_id == tok.eos_token_id:
+            raise DogeError(f"dataset {cfg.data.path} has no position_ids and the tokenizer's pad token is its EOS "
+                            "token, so padding cannot be told from ends of documents; re-tokenize it with "
+                            "'doge data tokenize --stage pt'")
         length = len(self.train_data[0]["input_ids"])
         if length != cfg.data.max_length:
             raise DogeError(f"dataset {cfg.data.path} holds {length}-token blocks but data.max_length is "
@@ -115,8 +143,7 @@ class PretrainObjective(Objective):
         labels = next_token_labels(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         if pad is not None:
-            # The last block of a source is filled with the pad token (never EOS, never in text).
-            labels[labels == pad] = -100
+            labels[padding_targets(batch["input_ids"], batch.get("position_ids"), pad)] = -100
         batch["labels"] = labels
         return batch
 
@@ -129,7 +156,8 @@ class PretrainObjective(Objective):
         cfg = self.config
         vocab = len(self.tokenizer)
         if cfg.init_from:
-            model = load_model(cfg.init_from, attn_implementation=cfg.runtime.attn_implementation, allow_legacy=False)
+            model = load_model(cfg.init_from, attn_implementation=cfg.runtime.attn_implementation, allow_legacy=False,
+                               dtype=torch.float32)  # fp32 master weights; autocast gives the mixed precision
             if model.config.vocab_size < vocab:
                 raise DogeError(f"the tokenizer has {vocab} tokens but model {cfg.init_from} has a vocabulary of "
                                 f"{model.config.vocab_size}; use the tokenizer the model was trained with")
