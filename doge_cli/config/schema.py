@@ -348,7 +348,8 @@ class GRPOSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling of the rollouts."""
     max_prompt_length: PositiveInt = 512
-    """Longest prompt; longer prompts keep their last tokens."""
+    """Longest prompt in tokens (after the chat template); longer prompts keep their last tokens, as
+    in TRL (the start of the system prompt goes first), and the run says once how many are cut."""
     max_completion_length: PositiveInt = 1024
     """New tokens per completion."""
     epsilon: float = Field(0.2, gt=0)

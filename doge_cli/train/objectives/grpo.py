@@ -138,19 +138,22 @@ class GRPOObjective(Objective):
         return self.config.grpo.num_iterations
 
     def _check_prompt_lengths(self) -> None:
+        """Say once how many prompts ``grpo.max_prompt_length`` will cut (they keep their last tokens)."""
         limit = self.config.grpo.max_prompt_length
         ids = self.tokenizer.apply_chat_template(list(self.train_data["prompt"]), tokenize=True, add_generation_prompt=True,
                                                  return_dict=True)["input_ids"]
         too_long = [(i, len(x)) for i, x in enumerate(ids) if len(x) > limit]
         if too_long:
             row, n = too_long[0]
-            raise DogeError(f"{len(too_long)} prompt(s) of {self.config.data.path} exceed grpo.max_prompt_length={limit} "
-                            f"tokens (row {row} has {n}); raise grpo.max_prompt_length or drop the long prompts")
+            print(f"grpo: {len(too_long)} of {len(ids)} prompts are longer than grpo.max_prompt_length={limit} tokens "
+                  f"(row {row} has {n}); they keep their last {limit} tokens", flush=True)
 
     # -- batches ------------------------------------------------------------------------------
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         ids = self.tokenizer.apply_chat_template([r["prompt"] for r in rows], tokenize=True, add_generation_prompt=True,
                                                  return_dict=True)["input_ids"]
+        limit = self.config.grpo.max_prompt_length
+        ids = [x[-limit:] for x in ids]  # long prompts keep their end: the question and the assistant header
         return {
             "prompt_ids": pad_left(ids, self.tokenizer.pad_token_id),
             "prompt_mask": pad_left([[1] * len(x) for x in ids], 0),
