@@ -94,3 +94,24 @@ def test_top_k_top_p_filter_matches_transformers_warpers():
     ours = filter_top_k_top_p(logits, top_k=20, top_p=0.8)
     ref = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, logits.clone()))
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+
+
+def test_stop_together_keeps_a_finished_process_stepping():
+    """Under ZeRO-3 each forward is collective: a process whose rows are all done must keep stepping
+    until every process is done (stop_together says so), emitting padding."""
+    _, ours = _pair()
+    prompt = torch.tensor([[5, 6, 7]])
+    free = generate(ours, prompt, max_new_tokens=8)
+    stop = int(free.new_tokens[0, 1])
+    first = int((free.new_tokens[0] == stop).nonzero()[0])
+    calls = []
+
+    def others_still_busy(done: bool) -> bool:
+        calls.append(done)
+        return len(calls) >= 6  # the other processes finish at step 6
+
+    out = generate(ours, prompt, max_new_tokens=8, stop_token_ids=[stop], pad_token_id=0,
+                   stop_together=others_still_busy)
+    assert out.lengths.tolist() == [first + 1]  # this process's row ended at the stop token
+    assert out.new_tokens.shape[1] == 6 and (out.new_tokens[0, first + 1:] == 0).all()
+    assert calls == [False] * first + [True] * (6 - first)

@@ -54,9 +54,19 @@ def load_start_model(config, tokenizer):
     return model.train()
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A reference model: the start weights, no gradients, eval mode, same device."""
+def frozen_copy(model: torch.nn.Module, accelerator, instead: str) -> torch.nn.Module:
+    """A reference model: the start weights, no gradients, eval mode, same device.
+
+    Under ZeRO-3 or FSDP the prepared model holds only this process's shard of each weight, so a copy
+    would be no model at all: refused in one line, naming the setting that needs no reference model.
+    """
     import copy
+
+    from doge_cli.train.collective import gathers_weights_in_forward
+
+    if gathers_weights_in_forward(accelerator):
+        raise DogeError(f"a frozen reference model is not supported under DeepSpeed ZeRO-3 or FSDP (each process "
+                        f"holds only a shard of the weights); use {instead}, or ZeRO-2 / DDP")
 
     ref = copy.deepcopy(_unwrap(model))
     ref.requires_grad_(False)

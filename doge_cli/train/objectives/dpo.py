@@ -132,7 +132,7 @@ class DPOObjective(Objective):
 
     def after_prepare(self, model, accelerator) -> None:
         if self.config.dpo.reference == "model":
-            self.ref_model = frozen_copy(model)
+            self.ref_model = frozen_copy(model, accelerator, "dpo.reference=precomputed")
             return
         micro = self.config.runtime.micro_batch_size
         n_eval = min(len(self.eval_data), self.config.logging.eval_batches * micro) if self.eval_data else 0

@@ -5,9 +5,9 @@ prompt first) and ``answer``. Per optimizer step:
 
 1. **Rollouts** (``prepare_step``): each prompt is rendered with the chat template and continued
    ``grpo.num_generations`` times by the KV-cache generator (temperature, top-p, at most
-   ``grpo.max_completion_length`` new tokens, stopping at end-of-turn). Sampling draws from a
-   ``torch.Generator`` seeded from (``train.seed``, step, process), so a resumed run samples exactly
-   what a straight run samples.
+   ``grpo.max_completion_length`` new tokens, stopping at end-of-turn). Each micro-batch samples
+   from a ``torch.Generator`` seeded from (``train.seed``, step, its first row), so a resumed run,
+   or one with another process count, samples exactly what a straight one-process run samples.
 2. **Rewards**: the weighted sum of the configured functions (see :mod:`.rewards`), and
    group-normalised advantages.
 3. **Loss** (``loss``): the clipped policy-ratio objective with optional k3 KL to the start model.
@@ -176,7 +176,7 @@ class GRPOObjective(Objective):
     def after_prepare(self, model, accelerator) -> None:
         self.acc = accelerator
         if self.config.grpo.beta != 0.0:
-            self.ref_model = frozen_copy(model)
+            self.ref_model = frozen_copy(model, accelerator, "grpo.beta=0")
 
     # -- rollouts -----------------------------------------------------------------------------
     def prepare_step(self, model, batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -187,19 +187,24 @@ class GRPOObjective(Objective):
             return self._rollouts[1]
         if step != first:
             return self._load_rollouts(first)
-        gen = torch.Generator(device=self.acc.device)
-        gen.manual_seed((self.config.train.seed * 1_000_003 + step) * 1_009 + self.acc.process_index)
         policy = _unwrap(model)
         was_training = policy.training
         policy.eval()
         try:
-            out = [self._rollout(policy, b, gen) for b in batches]
+            out = [self._rollout(policy, b, self._sampler(step, b)) for b in batches]
         finally:
             policy.train(was_training)
         self._rollouts = (first, out)
         if mu > 1:
             self._save_rollouts(first, out)
         return out
+
+    def _sampler(self, step: int, batch: dict[str, Any]) -> torch.Generator:
+        """The random stream of one micro-batch's rollouts, seeded from (train.seed, step, its first row):
+        the same prompts sample the same completions whatever the process count, accumulation or resume."""
+        gen = torch.Generator(device=self.acc.device)
+        gen.manual_seed((self.config.train.seed * 1_000_003 + step) * 1_000_033 + int(batch["row"][0]))
+        return gen
 
     @torch.no_grad()
     def _rollout(self, policy, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:

@@ -334,3 +334,23 @@ def test_grpo_resume_equals_straight_run(grpo_data, chat_root, tmp_path, iterati
     assert [m["reward"] for m in a_log] == [m["reward"] for m in b_log]
     a, b = final_weights(tmp_path / "straight" / "final"), final_weights(tmp_path / "resumed" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_zero3_matches_one_process(grpo_data, chat_root, tmp_path):
+    """ZeRO-3 gathers weights inside every forward, so rollouts of processes whose completions end at
+    different lengths must keep stepping together; the run finishes and equals one process (rollouts
+    are seeded per micro-batch, not per process)."""
+    from ..conftest import launch_train
+    from .chat_fixtures import overrides
+
+    runs = {}
+    extra = {**FAST, "grpo.max_completion_length": 16, "logging.sample_every": 2}
+    for name, launcher in (("one", None), ("two", "zero3.yaml")):
+        out = tmp_path / name
+        stdout, runs[name] = launch_train("grpo", overrides(grpo_data, out, chat_root / "start", steps=2, **extra),
+                                          out, launcher)
+        if launcher:
+            assert "x 2 processes" in stdout, stdout
+    for key in ("loss", "reward", "completions/mean_length"):
+        assert [r[key] for r in runs["two"]] == pytest.approx([r[key] for r in runs["one"]], rel=1e-4, abs=1e-6), key
+    assert runs["two"][-1]["sample"] == runs["one"][-1]["sample"]
