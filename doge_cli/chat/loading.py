@@ -11,14 +11,26 @@ from doge_cli.errors import DogeError
 
 
 def pick_device(device: str | None = None) -> str:
-    """``device`` as given, or the first accelerator torch sees, else ``cpu``."""
+    """``device`` checked (cpu, cuda, cuda:N, mps or auto), or for auto the first GPU torch sees, else cpu."""
+    import re
+
     import torch
 
-    if device and device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if not device or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", device)
+    if not match or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise DogeError(f"unknown --device {device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise DogeError(f"--device {device}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+        if index is not None and int(index) >= torch.cuda.device_count():
+            raise DogeError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise DogeError("--device mps: the MPS backend is not available here; use --device cpu (or auto)")
+    return device
 
 
 def _has_tokenizer_files(folder: Path) -> bool:

@@ -9,6 +9,7 @@ history (the format the model was trained on); :class:`ReasoningStream` splits t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise DogeError(f"{name} must be a finite number")
         if self.max_new_tokens < 1:
             raise DogeError("max_new_tokens must be at least 1")
         if self.temperature <= 0:
@@ -210,12 +214,12 @@ class ChatSession:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the conversation as JSON (system turn first), atomically."""
-        from doge_cli.io import write_json
+        from doge_cli.io import check_file_target, read_json_object, write_json
 
-        path = Path(path).expanduser()
-        if path.is_dir():
-            raise DogeError(f"{path} is a folder; give a file name such as chat.json")
-        if not path.parent.is_dir():
-            raise DogeError(f"folder {path.parent} does not exist; create it or choose another file")
+        def is_conversation(existing: Path) -> bool:  # a file an earlier /save wrote
+            data = read_json_object(existing)
+            return data is not None and isinstance(data.get("messages"), list) and "params" in data
+
+        path = check_file_target(path, is_ours=is_conversation, what="conversation file")
         write_json(path, self.to_dict())
         return path

@@ -24,11 +24,21 @@ def config_show(
 ) -> None:
     """Print the fully resolved config of STAGE as YAML (what `doge train STAGE` would run)."""
     from doge_cli.config.loader import resolve_config, summary_lines, to_yaml
-    from doge_cli.io import write_text_atomic
+    from doge_cli.io import check_file_target, write_text_atomic
 
     recipe, overrides = split_recipe_and_overrides(args)
     config = resolve_config(stage, size=size, hardware=hardware, recipe=recipe, overrides=overrides)
     text = "".join(f"# {line}\n" for line in summary_lines(config)) + to_yaml(config, explain=explain)
     if save:
+        check_file_target(save, is_ours=_is_saved_config, what="--save file")
         write_text_atomic(save, text)
     typer.echo(text, nl=False)
+
+
+def _is_saved_config(path) -> bool:
+    """A file an earlier ``doge config show --save`` wrote: its summary header, then a stage config."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return text.startswith("# stage ") and "\nstage: " in text

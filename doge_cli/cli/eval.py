@@ -44,12 +44,18 @@ def eval_models(
     """
     from rich.console import Console
 
+    from doge_cli.chat.loading import pick_device
     from doge_cli.errors import DogeError
     from doge_cli.eval.report import results_table
-    from doge_cli.eval.run import evaluate, load_results
+    from doge_cli.eval.run import check_settings, evaluate, load_results, results_path
 
     if not model and not compare:
         raise DogeError("give --model PATH (repeatable) to evaluate, or --compare RESULTS.json ... to show results")
+    # Everything that can be wrong with the flags is found before the first model is evaluated.
+    check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
+    pick_device(device)
+    for name in model or []:
+        results_path(output_dir, name)
     console = Console(highlight=False)
     earlier = [load_results(p) for p in compare or []]
     runs = []

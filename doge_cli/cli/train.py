@@ -30,7 +30,7 @@ OutputOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Run f
 
 def _run_stage(stage: str, args, size, hardware, resume, overwrite, accelerate_config, extra: list[str]) -> None:
     if accelerate_config:
-        _relaunch(accelerate_config)
+        _relaunch(accelerate_config, stage, args, size, hardware, resume, overwrite, extra)
         return
     from doge_cli.config.loader import resolve_config
     from doge_cli.train.core import train
@@ -43,23 +43,44 @@ def _run_stage(stage: str, args, size, hardware, resume, overwrite, accelerate_c
         typer.echo(f"final model: {result.final_dir}")
 
 
-def _relaunch(config_file: str) -> None:
-    """Re-run this very command under ``accelerate launch``, without the --accelerate-config flag."""
+def check_accelerate_config(config_file: str) -> None:
+    """Read the launcher config as ``accelerate launch`` will, so a broken one is one line here, not a
+    traceback from every launched process; a DeepSpeed JSON it names must exist and parse."""
+    import json
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
     from doge_cli.errors import DogeError
 
     if not os.path.isfile(config_file):
         raise DogeError(f"accelerate config {config_file} does not exist; see configs/accelerate/")
-    argv, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-            continue
-        if arg == "--accelerate-config":
-            skip = True
-            continue
-        if arg.startswith("--accelerate-config="):
-            continue
-        argv.append(arg)
+    try:
+        config = load_config_from_file(config_file)
+    except Exception as err:  # yaml, unknown keys, bad enum values, not a mapping: all one message
+        first = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DogeError(f"accelerate config {config_file} is not valid ({first}); start from one in "
+                        "configs/accelerate/") from None
+    ds_file = (getattr(config, "deepspeed_config", None) or {}).get("deepspeed_config_file")
+    if ds_file:
+        try:
+            json.loads(open(ds_file, encoding="utf-8").read())
+        except FileNotFoundError:
+            raise DogeError(f"accelerate config {config_file} names DeepSpeed config {ds_file}, which does not exist "
+                            "(paths are relative to where you run doge)") from None
+        except (OSError, ValueError) as err:
+            raise DogeError(f"DeepSpeed config {ds_file} is not valid JSON ({err})") from None
+
+
+def _relaunch(config_file: str, stage, args, size, hardware, resume, overwrite, extra: list[str]) -> None:
+    """Run this stage again under ``accelerate launch``: the command is rebuilt from the parsed
+    values (never from ``sys.argv``, which belongs to whatever process called doge)."""
+    check_accelerate_config(config_file)
+    argv = ["train", stage, *(args or []), *extra]
+    for flag, value in (("--size", size), ("--hardware", hardware), ("--resume", resume)):
+        if value is not None:
+            argv += [flag, value]
+    if overwrite:
+        argv.append("--overwrite")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "-m", "doge_cli", *argv]
     raise typer.Exit(subprocess.call(cmd))
 

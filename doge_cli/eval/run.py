@@ -131,10 +131,9 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     """
     from doge_cli.eval.tasks import HUB_TASKS, expand_task_names, task_configs
 
-    if num_fewshot < 0:
-        raise DogeError("--num-fewshot must be >= 0")
-    if max_samples is not None and max_samples < 1:
-        raise DogeError("--max-samples must be >= 1")
+    check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
+    if output_dir is not None:
+        results_path(Path(output_dir), model)
     names = expand_task_names(tasks)
     configs = task_configs(names, Path(datasets_dir))
 
@@ -204,14 +203,46 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     return results
 
 
+def check_settings(*, num_fewshot: int, max_samples: int | None, batch_size: int) -> None:
+    """The numeric flags of ``doge eval``, checked before anything is loaded."""
+    if num_fewshot < 0:
+        raise DogeError("--num-fewshot must be >= 0")
+    if max_samples is not None and max_samples < 1:
+        raise DogeError("--max-samples must be >= 1")
+    if batch_size < 1:
+        raise DogeError("--batch-size must be >= 1")
+
+
+def _is_results_file(path: Path) -> bool:
+    from doge_cli.io import read_json_object
+
+    data = read_json_object(path)
+    return data is not None and "model" in data and isinstance(data.get("tasks"), dict)
+
+
+def results_path(output_dir: Path, model: str) -> Path:
+    """Where the results of ``model`` go, checked before the evaluation runs: ``--output-dir`` must be a
+    folder (or not exist yet), and an existing file there is replaced only if it is a doge results file."""
+    from doge_cli.io import check_file_target
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise DogeError(f"--output-dir {output_dir} is a file; give a folder for the results")
+    path = output_dir / f"{model_slug(model)}.json"
+    if output_dir.is_dir():
+        check_file_target(path, is_ours=_is_results_file, what="results file")
+    return path
+
+
 def save_results(results: dict, path: Path) -> Path:
-    from doge_cli.io import write_json
+    from doge_cli.io import check_file_target, write_json
 
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DogeError(f"cannot create {path.parent}: {err.strerror}; choose another --output-dir") from err
+    check_file_target(path, is_ours=_is_results_file, what="results file")
     write_json(path, {k: v for k, v in results.items() if k != "path"})
     return path
 

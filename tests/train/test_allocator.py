@@ -44,10 +44,12 @@ def test_training_on_cpu_turns_it_on(tmp_path, monkeypatch):
     from doge_cli.errors import DogeError
     from doge_cli.train import core
 
+    from doge_cli.train.objectives import objective_for
+
     calls = []
     monkeypatch.setattr(core, "keep_large_allocations", lambda: calls.append(1) or True)
-    (tmp_path / "file").write_text("not a folder")
-    cfg = resolve_config("pt", hardware="cpu", size="1M", overrides=[f"output_dir={tmp_path / 'file'}"])
-    with pytest.raises(DogeError, match="is a file"):  # stops at the run-dir check, after the device is set up
-        core.train(cfg, objective=None)
-    assert calls == [1]
+    cfg = resolve_config("pt", hardware="cpu", size="1M", overrides=[f"output_dir={tmp_path / 'run'}",
+                                                                     f"data.path={tmp_path / 'no-data'}"])
+    with pytest.raises(DogeError, match="no dataset"):  # stops at loading the data, after the device is set up
+        core.train(cfg, objective_for(cfg))
+    assert calls == [1] and not (tmp_path / "run").exists()
