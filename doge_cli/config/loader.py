@@ -142,8 +142,10 @@ def _format_error(err: ValidationError, cls: type[BaseModel], layers: list[tuple
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "missing":
         return f"config key '{dotted}' is required{origin}"
-    if "input" in first and loc:
+    if "input" in first and loc and not isinstance(first["input"], dict):
         return f"config key '{dotted}' = {first['input']!r}{origin}: {msg}"
+    if loc:  # a check across several keys of a section: the message names them
+        return f"config section '{dotted}'{origin}: {msg}"
     return f"invalid config{origin}: {msg}"
 
 

@@ -97,7 +97,8 @@ def load_local(path: Path):
                 check_json_lines(f)
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     verbosity = datasets.logging.get_verbosity()
-    datasets.logging.set_verbosity_error()  # its loaders log a parse failure before raising; we say it once
+    # Its loaders log a parse failure (at ERROR) before raising; doge says it once, in its own line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors; find the line ourselves

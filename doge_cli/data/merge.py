@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from doge_cli.data.schema import STAGES
-from doge_cli.data.storage import folder_bytes, read_manifest
+from doge_cli.data.storage import folder_bytes, inputs_untouched, read_manifest
 from doge_cli.errors import DogeError
 from doge_cli.io import atomic_dir, check_replaceable, write_json
 
@@ -156,8 +156,9 @@ def merge_stage(
                       "weight": weights[name], "repeats": round(len(train_idx) / max(1, len(train_pool)), 3)}
         log(f"{name}: {len(train_idx):,} train + {n_test:,} test of {sizes[name]:,} rows (weight {weights[name]:g})")
 
-    train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
-    test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
+    with inputs_untouched():  # flatten_indices would leave cache files in the tokenized source folders
+        train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
+        test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
     merged = datasets.DatasetDict({"train": train, "test": test})
     first = next(iter(made_with.values()))
     manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used,

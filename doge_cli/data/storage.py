@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from doge_cli.io import atomic_dir, read_json_object, write_json
@@ -49,3 +51,19 @@ def read_manifest(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     return read_json_object(path)
+
+
+@contextlib.contextmanager
+def inputs_untouched() -> Iterator[None]:
+    """``datasets`` writes the results of ``map``, ``filter`` and ``flatten_indices`` as cache files next
+    to the source's Arrow files; with its caching off it writes them to a temporary folder it removes
+    instead. The data commands run under this, so the folders they read are left exactly as they were."""
+    import datasets
+
+    was_enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_caching()

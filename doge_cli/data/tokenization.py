@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from doge_cli.data.schema import R1_SYSTEM_PROMPT, STAGES
-from doge_cli.data.storage import read_manifest, save_dataset
+from doge_cli.data.storage import inputs_untouched, read_manifest, save_dataset
 from doge_cli.errors import DogeError
 
 FORMAT_VERSION = 1  # bump when the output of any stage changes
@@ -256,17 +256,26 @@ def tokenize_stages(
     Everything a user can get wrong is found before the first source is written: unknown stages or
     sources, a bad ``max_length``, the tokenizer, destinations doge may not replace, and a source
     whose rows would all be dropped (found by tokenizing its first rows, and all of them when those
-    give nothing). Returns one manifest per source (``cached`` says it was reused).
+    give nothing). Returns one manifest per source (``cached`` says it was reused). The source folders
+    are only read (see ``storage.inputs_untouched``).
     """
-    import datasets
-
-    from doge_cli.data.tokenizer import tokenizer_fingerprint
-    from doge_cli.io import check_replaceable
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise DogeError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}")
     check_max_length(max_length)
+    with inputs_untouched():
+        return _tokenize_stages(tokenizer, datasets_dir, stages, max_length, sources=sources, pack=pack,
+                                identity=identity, num_proc=num_proc, progress=progress, log=log)
+
+
+def _tokenize_stages(tokenizer, datasets_dir, stages, max_length, *, sources, pack, identity, num_proc, progress,
+                     log) -> list[dict]:
+    import datasets
+
+    from doge_cli.data.tokenizer import tokenizer_fingerprint
+    from doge_cli.io import check_replaceable
+
     plan = {stage: source_dirs(datasets_dir, stage, sources) for stage in stages}
     tok = load_data_tokenizer(tokenizer)
     fingerprint = tokenizer_fingerprint(tok)

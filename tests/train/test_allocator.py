@@ -43,7 +43,6 @@ def test_training_on_cpu_turns_it_on(tmp_path, monkeypatch):
     from doge_cli.config import resolve_config
     from doge_cli.errors import DogeError
     from doge_cli.train import core
-
     from doge_cli.train.objectives import objective_for
 
     calls = []

@@ -96,11 +96,25 @@ def load_dataset_dict(path: str, stage: str):
         data = load_from_disk(str(p))
     except (FileNotFoundError, ValueError) as err:
         raise DogeError(f"{p} is not a saved dataset ({type(err).__name__}); {hint}") from None
+    made_for = _stage_of(p)
+    accepted = {"sft": ("sft", "r1")}.get(stage, (stage,))
+    if made_for is not None and made_for not in accepted:
+        raise DogeError(f"dataset {p} was made for stage {made_for} ('doge data merge --stage {made_for}'), not for "
+                        f"{stage}; point data.path at the merged {stage} data (e.g. ./datasets/merged/{stage})")
     if not isinstance(data, DatasetDict):
         data = DatasetDict({"train": data})
     if "train" not in data or len(data["train"]) == 0:
         raise DogeError(f"dataset {p} has no (or an empty) train split; {hint}")
     return data
+
+
+def _stage_of(path: Path) -> str | None:
+    """The stage ``doge data merge`` recorded for a dataset folder, if any."""
+    from doge_cli.io import read_json_object
+
+    manifest = read_json_object(path / "manifest.json") if (path / "manifest.json").is_file() else None
+    stage = (manifest or {}).get("stage")
+    return stage if isinstance(stage, str) else None
 
 
 def load_tokenizer(path_or_id: str | None, fallback_dirs: list[Path]):
