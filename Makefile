@@ -1,6 +1,6 @@
 # doge: one command to install, one to test.
 #   make install   create .venv and install the pinned stack + doge (editable); idempotent
-#   make test      run the offline test suite (what CI runs)
+#   make test      run the offline test suite in random order (what CI runs; SEED=N repeats an order)
 #   make lint      ruff
 #   make bench     run the CPU benchmarks in benchmarks/ (minutes; GPU ones need a GPU)
 PYTHON ?= python3
@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 test: install
-	$(TEST_ENV) $(BIN)/python -m pytest -q
+	@seed=$${SEED:-$$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')}; echo "test order: --randomly-seed=$$seed (make test SEED=$$seed repeats it)"; \
+	$(TEST_ENV) $(BIN)/python -m pytest -q --randomly-seed=$$seed
 
 lint: install
 	$(BIN)/python -m ruff check doge_cli tests benchmarks
