@@ -355,3 +355,26 @@ def test_two_process_zero3_matches_one_process(grpo_data, chat_root, tmp_path):
     for key in ("loss", "reward", "completions/mean_length"):
         assert [r[key] for r in runs["two"]] == pytest.approx([r[key] for r in runs["one"]], rel=1e-4, abs=1e-6), key
     assert runs["two"][-1]["sample"] == runs["one"][-1]["sample"]
+
+
+def test_rollout_files_are_never_unpickled(grpo_data, chat_root, tmp_path):
+    """RUN/rollouts/*.pt are read with weights_only=True: a file that would run code when unpickled is
+    refused in one line (and the code does not run)."""
+    import pickle
+
+    from accelerate import Accelerator
+
+    obj = objective(grpo_data, chat_root / "start", tmp_path, **{"grpo.num_iterations": 2})
+    obj.after_prepare(obj.build_model(), Accelerator(cpu=True))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = obj._rollout_path(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps([{"x": Payload()}]))
+    with pytest.raises(DogeError, match="damaged or not doge's"):
+        obj._load_rollouts(0)
+    assert not marker.exists()
