@@ -214,7 +214,10 @@ class Loop:
         self.micro = config.runtime.micro_batch_size
         self.model = None  # the prepared model (DDP/DeepSpeed/FSDP wrapper), never a compile wrapper
         self.train_model = None  # what the forward passes go through: ``model``, or torch.compile of it
+        self.module = None  # the bare DogeForCausalLM inside ``model`` (generation, export config)
         self.optimizer = None
+        self.flops_per_target: float | None = None
+        self.peak: float | None = None
         self.resume_from: Path | None = None
         self.start_step = 0
         self.last_loss: float | None = None
