@@ -63,12 +63,3 @@ def load_model_and_tokenizer(model: str, *, tokenizer: str | None = None, device
         raise DogeError(f"the tokenizer of {source} has {len(tok)} tokens but the model only {lm.config.vocab_size}; "
                         "pass the tokenizer the model was trained with (--tokenizer DIR)")
     return lm, tok
-
-
-def stop_token_ids(model, tok) -> list[int]:
-    """Every id that ends a reply: the config's eos ids plus the tokenizer's end-of-turn token."""
-    eos = model.config.eos_token_id
-    ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
-        ids.append(tok.eos_token_id)
-    return ids

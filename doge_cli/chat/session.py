@@ -15,11 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from doge_cli.chat_format import BEGIN_THOUGHT, THINKING_TOKENS, stop_ids
 from doge_cli.errors import DogeError
-
-BEGIN_THOUGHT, END_THOUGHT = "<|begin_of_thought|>", "<|end_of_thought|>"
-BEGIN_SOLUTION, END_SOLUTION = "<|begin_of_solution|>", "<|end_of_solution|>"
-_MARKERS = (BEGIN_THOUGHT, END_THOUGHT, BEGIN_SOLUTION, END_SOLUTION)
 
 
 @dataclass
@@ -79,23 +76,6 @@ class SamplingParams:
         return dataclasses.asdict(self)
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """``(thinking, answer)`` of a finished reply. Without thought markers the whole text is the answer;
-    with a solution section the answer is its content; an unfinished thought has an empty answer."""
-    thinking, answer = "", text
-    if BEGIN_THOUGHT in text:
-        before, rest = text.split(BEGIN_THOUGHT, 1)
-        if END_THOUGHT in rest:
-            thinking, answer = rest.split(END_THOUGHT, 1)
-        else:
-            thinking, answer = rest, ""
-        answer = before + answer
-    if BEGIN_SOLUTION in answer:
-        answer = answer.split(BEGIN_SOLUTION, 1)[1]
-    answer = answer.split(END_SOLUTION, 1)[0]
-    return thinking.strip(), answer.strip()
-
-
 class ReasoningStream:
     """Turns streamed text into ``(kind, text)`` pieces, kind ``"thinking"`` or ``"answer"``, markers removed.
 
@@ -110,7 +90,7 @@ class ReasoningStream:
         self._pending += text
         out: list[tuple[str, str]] = []
         while True:
-            hits = [(self._pending.find(m), m) for m in _MARKERS if m in self._pending]
+            hits = [(self._pending.find(m), m) for m in THINKING_TOKENS if m in self._pending]
             if not hits:
                 break
             pos, marker = min(hits)
@@ -118,7 +98,7 @@ class ReasoningStream:
                 out.append((self.kind, self._pending[:pos]))
             self._pending = self._pending[pos + len(marker):]
             self.kind = "thinking" if marker == BEGIN_THOUGHT else "answer"
-        keep = max((n for m in _MARKERS for n in range(1, len(m)) if self._pending.endswith(m[:n])), default=0)
+        keep = max((n for m in THINKING_TOKENS for n in range(1, len(m)) if self._pending.endswith(m[:n])), default=0)
         emit, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
         if emit:
             out.append((self.kind, emit))
@@ -134,15 +114,13 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, params: SamplingParams | None = None,
                  model_name: str = ""):
-        from doge_cli.chat.loading import stop_token_ids
-
         self.model, self.tokenizer = model, tokenizer
         self.model_name = model_name
         self.system = system or None
         self.params = params or SamplingParams()
         self.params.validate()
         self.messages: list[dict] = []
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = stop_ids(model.config, tokenizer)
         self.dropped_turns = 0  # of the last reply: old turns left out to fit the context window
 
     def reset(self) -> None:

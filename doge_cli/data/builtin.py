@@ -273,7 +273,7 @@ def _math_grpo(seed: int, n: int | None) -> list[dict]:
 
 
 def _math_r1(seed: int, n: int | None) -> list[dict]:
-    from doge_cli.data.schema import R1_SYSTEM_PROMPT
+    from doge_cli.chat_format import R1_SYSTEM_PROMPT
 
     rows = []
     for p in _math("math-r1", seed, n):

@@ -11,9 +11,9 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from doge_cli.chat_format import last_boxed
 from doge_cli.errors import DogeError
 
 STAGES = ("pt", "sft", "dpo", "grpo", "r1")
@@ -26,39 +26,8 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "grpo": ("prompt", "answer"),
 }
 
-# The seed's R1 distillation format: reasoning inside the thought tokens, the final answer inside
-# the solution tokens, so a GRPO reward can find the answer without parsing free text.
-THINKING_TOKENS = ("<|begin_of_thought|>", "<|end_of_thought|>", "<|begin_of_solution|>", "<|end_of_solution|>")
-
-R1_SYSTEM_PROMPT = (
-    "Your role as an assistant involves thoroughly exploring questions through a systematic long thinking "
-    "process before providing the final precise and accurate solutions. Structure your response in two "
-    "sections: Thought and Solution. In the Thought section, reason step by step in the format "
-    "<|begin_of_thought|> {thought} <|end_of_thought|>. In the Solution section, give the final, concise "
-    "and correct solution in the format <|begin_of_solution|> {solution} <|end_of_solution|>."
-)
-
-
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
                  "assistant": "assistant", "system": "system"}
-_BOXED = re.compile(r"\\boxed\s*\{")
-
-
-def last_boxed(text: str) -> str | None:
-    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), or None."""
-    matches = list(_BOXED.finditer(text))
-    if not matches:
-        return None
-    start = matches[-1].end()
-    depth = 1
-    for i in range(start, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i].strip()
-    return None
 
 
 def to_messages(value: Any, where: str) -> list[dict]:

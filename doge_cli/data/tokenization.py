@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from doge_cli.data.schema import R1_SYSTEM_PROMPT, STAGES
+from doge_cli.chat_format import R1_SYSTEM_PROMPT
+from doge_cli.data.schema import STAGES
 from doge_cli.data.storage import inputs_untouched, read_manifest, save_dataset
 from doge_cli.errors import DogeError
 

@@ -1,10 +1,5 @@
-"""``doge data train-tokenizer``: a byte-level BPE tokenizer like SmallDoge/Doge-tokenizer.
-
-Special tokens follow the Llama-3 header scheme Doge uses; the chat template wraps assistant
-turns in ``{% generation %}`` so ``return_assistant_tokens_mask`` (and TRL's assistant-only loss)
-works. ``eos_token`` is the end-of-turn token so chat generation stops after one reply; ``pad``
-is a token that never occurs in text, so trainers can mask it.
-"""
+"""``doge data train-tokenizer``: a byte-level BPE tokenizer like SmallDoge/Doge-tokenizer, with
+Doge's special tokens and chat template (:mod:`doge_cli.chat_format`)."""
 
 from __future__ import annotations
 
@@ -12,28 +7,11 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from doge_cli.data.schema import THINKING_TOKENS
+from doge_cli.chat_format import BOS, CHAT_TEMPLATE, EOT, PAD, SPECIAL_TOKENS
 from doge_cli.errors import DogeError
 from doge_cli.io import atomic_dir, check_replaceable
 
-BOS, EOT, EOD = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
-PAD = "<|finetune_right_pad_id|>"
 MAX_VOCAB = 262_144  # larger than any LM vocabulary in use; beyond it training the BPE exhausts memory
-HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
-SPECIAL_TOKENS = (BOS, EOD, HEADER_START, HEADER_END, EOT, PAD, *THINKING_TOKENS)
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% generation %}{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endgeneration %}"
-    "{% else %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] | trim) + '<|eot_id|>' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
 
 
 def corpus_texts(datasets_dir: Path, batch_size: int = 1000) -> Iterator[list[str]]:

@@ -62,9 +62,9 @@ class DogeLightevalModel(LightevalModel):
         self._max_length = max_length or model.config.max_position_embeddings
         self.prompt_manager = PromptManager(use_chat_template, tokenizer, system_prompt)
         self._cache = _NoCache()
-        from doge_cli.chat.loading import stop_token_ids
+        from doge_cli.chat_format import stop_ids
 
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = stop_ids(model.config, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         bos = tokenizer.bos_token_id
         self.prefix = [bos] if bos is not None else [self.stop_ids[0]]
@@ -156,7 +156,7 @@ class DogeLightevalModel(LightevalModel):
 
     @torch.no_grad()
     def greedy_until(self, docs: list[Doc]) -> list[ModelResponse]:
-        from doge_cli.chat.session import BEGIN_SOLUTION, BEGIN_THOUGHT, split_reasoning
+        from doge_cli.chat_format import BEGIN_SOLUTION, BEGIN_THOUGHT, split_reasoning
         from doge_cli.model import generate
 
         markers = (BEGIN_THOUGHT, BEGIN_SOLUTION)

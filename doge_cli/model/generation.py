@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from doge_cli.chat_format import config_eos_ids
+
 
 @dataclass
 class GenerationOutput:
@@ -82,8 +84,7 @@ def generate(
     """
     config = model.config
     if stop_token_ids is None:
-        eos = config.eos_token_id
-        stop_token_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        stop_token_ids = config_eos_ids(config)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else (list(stop_token_ids) or [0])[0]
     device = model.device

@@ -19,7 +19,7 @@ def make_chat_tokenizer(path: Path, vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from doge_cli.data.tokenizer import BOS, CHAT_TEMPLATE, EOT, PAD, SPECIAL_TOKENS
+    from doge_cli.chat_format import BOS, CHAT_TEMPLATE, EOT, PAD, SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,7 +81,7 @@ def single_token(tok, text: str) -> int:
 
 def save_forced_r1_model(root: Path, thought: str = "the", answer: str = "4") -> Path:
     """A chat model whose every reply is ``<thought> {thought} </thought><solution>{answer}</solution>``."""
-    from doge_cli.data.schema import THINKING_TOKENS
+    from doge_cli.chat_format import THINKING_TOKENS
 
     tok = make_chat_tokenizer(root / "tokenizer")
     header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)

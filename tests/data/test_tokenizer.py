@@ -1,6 +1,6 @@
 import pytest
 
-from doge_cli.data.schema import THINKING_TOKENS
+from doge_cli.chat_format import THINKING_TOKENS
 from doge_cli.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tokenizer
 from doge_cli.errors import DogeError
 

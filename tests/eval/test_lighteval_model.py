@@ -30,7 +30,7 @@ def make_ascii_tokenizer(vocab_size: int = 400):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from doge_cli.data.tokenizer import BOS, EOT, PAD
+    from doge_cli.chat_format import BOS, EOT, PAD
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     alphabet = [byte_level.pre_tokenize_str(chr(b))[0][0] for b in [10, *range(32, 127)]]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
+from doge_cli.chat_format import config_eos
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import load_tokenizer
-from doge_cli.train.objectives.pt import _eos_ids, _unwrap, head_is_whole, tokenizer_from_manifest
+from doge_cli.train.objectives.pt import _unwrap, head_is_whole, tokenizer_from_manifest
 
 
 def require_init_from(config) -> str:
@@ -47,7 +48,7 @@ def load_start_model(config, tokenizer):
     if model.config.vocab_size < vocab:
         raise DogeError(f"the tokenizer has {vocab} tokens but model {init} has a vocabulary of "
                         f"{model.config.vocab_size}; use the tokenizer the model was trained with")
-    model.config.eos_token_id = _eos_ids(tokenizer)
+    model.config.eos_token_id = config_eos(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         model.config.bos_token_id = tokenizer.bos_token_id

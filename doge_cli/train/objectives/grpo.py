@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from doge_cli.chat_format import config_eos_ids
 from doge_cli.errors import DogeError
 from doge_cli.train.collective import stop_together
 from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict
@@ -226,8 +227,7 @@ class GRPOObjective(Objective):
         prompt_ids = batch["prompt_ids"].to(dev).repeat_interleave(g, 0)
         prompt_mask = batch["prompt_mask"].to(dev).repeat_interleave(g, 0)
 
-        stops = set(policy.config.eos_token_id if isinstance(policy.config.eos_token_id, list)
-                    else [policy.config.eos_token_id])
+        stops = set(config_eos_ids(policy.config))
         texts, truncated = [], []
         for row, n in zip(completion.tolist(), lengths.tolist()):
             ids = row[:n]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from doge_cli.chat_format import config_eos
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict, load_tokenizer
 
@@ -173,7 +174,7 @@ class PretrainObjective(Objective):
         tok = self.tokenizer
         fields = self.config.model.to_hf_dict()
         fields["vocab_size"] = len(tok)
-        fields.update(bos_token_id=tok.bos_token_id, eos_token_id=_eos_ids(tok), pad_token_id=tok.pad_token_id)
+        fields.update(bos_token_id=tok.bos_token_id, eos_token_id=config_eos(tok), pad_token_id=tok.pad_token_id)
         return DogeConfig(**fields)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -184,13 +185,3 @@ class PretrainObjective(Objective):
 
         config = getattr(self, "model_config", None) or self.hf_config()
         return float(training_flops_per_token(config, self.config.data.max_length))
-
-
-def _eos_ids(tok) -> int | list[int]:
-    """EOS ids for generation: the tokenizer's EOS and, for chat tokenizers, the end-of-turn token."""
-    ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    for token in ("<|eot_id|>", "<|end_of_text|>", "<|im_end|>"):
-        tid = tok.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tok.unk_token_id and tid not in ids and tid < len(tok):
-            ids.append(tid)
-    return ids[0] if len(ids) == 1 else ids

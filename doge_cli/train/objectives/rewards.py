@@ -24,48 +24,28 @@ import re
 from collections.abc import Callable
 from fractions import Fraction
 
+from doge_cli.chat_format import (
+    BEGIN_SOLUTION,
+    BEGIN_THOUGHT,
+    END_SOLUTION,
+    END_THOUGHT,
+    THINKING_TOKENS,
+    final_answer,
+    last_boxed,
+)
 from doge_cli.errors import DogeError
 
 RewardFn = Callable[..., list[float]]
 
-THOUGHT_OPEN, THOUGHT_CLOSE = "<|begin_of_thought|>", "<|end_of_thought|>"
-SOLUTION_OPEN, SOLUTION_CLOSE = "<|begin_of_solution|>", "<|end_of_solution|>"
-TAGS = (THOUGHT_OPEN, THOUGHT_CLOSE, SOLUTION_OPEN, SOLUTION_CLOSE)
 _STRICT_FORMAT = re.compile(
-    r"^\s*" + re.escape(THOUGHT_OPEN) + r".+?" + re.escape(THOUGHT_CLOSE) + r"\s*"
-    + re.escape(SOLUTION_OPEN) + r".+?" + re.escape(SOLUTION_CLOSE) + r"\s*$",
+    r"^\s*" + re.escape(BEGIN_THOUGHT) + r".+?" + re.escape(END_THOUGHT) + r"\s*"
+    + re.escape(BEGIN_SOLUTION) + r".+?" + re.escape(END_SOLUTION) + r"\s*$",
     re.DOTALL,
 )
-_BOXED = re.compile(r"\\boxed\s*\{")
 _NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)(/[-+]?\d+(\.\d*)?)?$")
 
 
 # ------------------------------------------------------------------------------ answers
-
-
-def extract_answer(completion: str) -> str:
-    """The final answer of a reply: inside the solution tags, else the last ``\\boxed{}``, else the
-    last line."""
-    if SOLUTION_OPEN in completion:
-        inner = completion.rsplit(SOLUTION_OPEN, 1)[1].split(SOLUTION_CLOSE, 1)[0]
-        boxed = _last_boxed(inner)
-        return boxed if boxed is not None else inner.strip()
-    boxed = _last_boxed(completion)
-    if boxed is not None:
-        return boxed
-    lines = [ln for ln in completion.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def _last_boxed(text: str) -> str | None:
-    starts = [m.end() for m in _BOXED.finditer(text)]
-    if not starts:
-        return None
-    depth, i = 1, starts[-1]
-    while i < len(text) and depth:
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        i += 1
-    return text[starts[-1]:i - 1].strip() if depth == 0 else None
 
 
 def normalize_answer(text: str):
@@ -73,7 +53,7 @@ def normalize_answer(text: str):
     ``\\frac{a}{b}`` -> ``a/b``; numbers (integers, decimals, fractions) become exact Fractions, so
     ``0.5``, ``1/2`` and ``\\frac{1}{2}`` are equal; anything else is compared as lower-case text."""
     s = text.strip()
-    boxed = _last_boxed(s)
+    boxed = last_boxed(s)
     if boxed is not None:
         s = boxed
     s = s.replace("$", "").replace("\\left", "").replace("\\right", "").replace("\\!", "")
@@ -101,8 +81,9 @@ def answers_match(predicted: str, reference: str) -> bool:
 
 
 def accuracy_reward(completions: list[str], answers: list[str], prompts=None, **info) -> list[float]:
-    """1 when the reply's final answer equals the reference answer after maths normalisation, else 0."""
-    return [1.0 if answers_match(extract_answer(c), a) else 0.0 for c, a in zip(completions, answers)]
+    """1 when the reply's final answer (``chat_format.final_answer``: never read from the thinking) equals
+    the reference answer after maths normalisation, else 0."""
+    return [1.0 if answers_match(final_answer(c), a) else 0.0 for c, a in zip(completions, answers)]
 
 
 def format_reward(completions: list[str], answers=None, prompts=None, **info) -> list[float]:
@@ -116,7 +97,7 @@ def format_reward(completions: list[str], answers=None, prompts=None, **info) ->
             out.append(1.0)
             continue
         score, pos = 0.0, 0
-        for tag in TAGS:
+        for tag in THINKING_TOKENS:
             at = text.find(tag, pos)
             if at < 0 or text.count(tag) != 1:
                 break

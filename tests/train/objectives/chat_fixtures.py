@@ -11,8 +11,8 @@ MAX_LEN = 96
 def chat_tokenizer(path):
     from transformers import PreTrainedTokenizerFast
 
+    from doge_cli.chat_format import R1_SYSTEM_PROMPT
     from doge_cli.data.builtin import build_builtin_rows
-    from doge_cli.data.schema import R1_SYSTEM_PROMPT
     from doge_cli.data.tokenizer import _finish, _new_bpe
 
     rows = build_builtin_rows("math-sft", max_examples=400)
@@ -90,8 +90,8 @@ def dpo_data(chat_root, tok):
 def grpo_data(chat_root, tok):
     import datasets
 
+    from doge_cli.chat_format import R1_SYSTEM_PROMPT
     from doge_cli.data.builtin import builtin_dataset
-    from doge_cli.data.schema import R1_SYSTEM_PROMPT
     from doge_cli.data.tokenization import prepare_grpo
 
     raw = builtin_dataset("math-grpo", max_examples=200)
