@@ -6,15 +6,17 @@ from typing import Annotated
 
 import typer
 
+from doge_cli.config.presets import HARDWARE_NAMES, SIZES
+
 SizeOpt = Annotated[
     str | None,
-    typer.Option("--size", "-s", help="Model size preset: 1M, 5M (tiny CPU sizes), 20M, 60M, 160M, 320M."),
+    typer.Option("--size", "-s", help=f"Model size preset: {', '.join(SIZES)} (1M and 5M are tiny CPU sizes)."),
 ]
 HardwareOpt = Annotated[
     str | None,
     typer.Option(
         "--hardware",
-        help="Hardware preset: cpu, rtx4090, a100-40gb, a100-80gb, h100, h200 or auto (detect). "
+        help=f"Hardware preset: {', '.join(HARDWARE_NAMES)} (auto detects the machine). "
         "Sets micro batch, precision, attention backend and data-loader workers.",
     ),
 ]

@@ -188,7 +188,7 @@ def resolve_config(
         if key is None:
             raise ConfigError(_unknown("size", str(size_name), presets.SIZES))
         preset = presets.SIZES[key]
-        layers.append((f"size preset {key}", {"size": key, "model": preset["model"], **preset[stage]}))
+        layers.append((f"size preset {key}", {"size": key, "model": preset.model, **preset.stage_layer(stage)}))
     hw_key = str(hardware_name).lower()
     if hw_key not in presets.HARDWARE_NAMES:
         raise ConfigError(_unknown("hardware", str(hardware_name), presets.HARDWARE_NAMES))

@@ -37,60 +37,74 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _size(
-    layers: int,
-    hidden: int,
-    ff: int,
-    heads: int,
-    kv_heads: int,
-    *,
-    pt_steps: int,
-    pt_batch: int,
-    pt_lr: float,
-    sft_lr: float,
-    dpo_lr: float,
-    vocab: int = 32768,
-    max_len: int = 2048,
-) -> dict[str, Any]:
-    model = {
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "intermediate_size": ff,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": max_len,
-        "keep_window_size": max_len,
-        "tie_word_embeddings": True,
-    }
-    return {
-        "model": model,
-        "pt": {
-            "train": {"max_steps": pt_steps, "global_batch_size": pt_batch},
-            "optim": {"lr": pt_lr, "weight_decay": 0.01},
-            "schedule": {"name": "warmup_stable_decay", "warmup_ratio": 0.1, "decay_ratio": 0.1, "min_lr_rate": 0.0},
-            "data": {"max_length": max_len},
-        },
-        "sft": {"optim": {"lr": sft_lr}},
-        "dpo": {"optim": {"lr": dpo_lr}},
+@dataclass(frozen=True)
+class SizePreset:
+    """One named model size: its shape and its per-stage hyper-parameters.
+
+    The shape fields are those of ``ModelConfig`` (and transformers' ``DogeConfig``); ``max_len`` is both
+    the context (``max_position_embeddings``, ``keep_window_size``) and the pretraining block length.
+    """
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    pt_steps: int
+    pt_batch: int
+    pt_lr: float
+    sft_lr: float
+    dpo_lr: float
+    vocab: int = 32768
+    max_len: int = 2048
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The ``model`` config section of this size."""
+        return {
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "max_position_embeddings": self.max_len,
+            "keep_window_size": self.max_len,
+            "tie_word_embeddings": True,
+        }
+
+    def stage_layer(self, stage: str) -> dict[str, Any]:
+        """What this size sets for ``stage`` beyond the model shape."""
+        if stage == "pt":
+            return {
+                "train": {"max_steps": self.pt_steps, "global_batch_size": self.pt_batch},
+                "optim": {"lr": self.pt_lr, "weight_decay": 0.01},
+                "schedule": {"name": "warmup_stable_decay", "warmup_ratio": 0.1, "decay_ratio": 0.1,
+                             "min_lr_rate": 0.0},
+                "data": {"max_length": self.max_len},
+            }
         # The seed's GRPO recipes reuse the SFT learning rates.
-        "grpo": {"optim": {"lr": sft_lr}},
-    }
+        return {"optim": {"lr": {"sft": self.sft_lr, "dpo": self.dpo_lr, "grpo": self.sft_lr}[stage]}}
 
 
 # Doge-20M..320M: the seed's model table and pretraining hyper-parameters (micro-batch 1 ×
 # accumulation 256/512/768/1024 on one GPU = that many 2048-token sequences per step;
-# 8k/16k/24k/32k steps ≈ 4B/16B/32B/64B tokens). SFT lr 8e-4..2e-4, DPO lr 8e-5..2e-5.
+# 8k/16k/24k/32k steps ≈ 4B/16B/32B/64B tokens; parameters 13M / 54M / 152M / 335M).
+# SFT lr 8e-4..2e-4, DPO lr 8e-5..2e-5.
 # "1M" and "5M" are tiny CPU sizes (parameter counts at the quickstart's 4096-token vocabulary).
-SIZES: dict[str, dict[str, Any]] = {
-    "1M": _size(4, 128, 256, 4, 2, pt_steps=300, pt_batch=8, pt_lr=3e-3, sft_lr=1e-3, dpo_lr=1e-4,
-                vocab=4096, max_len=256),
-    "5M": _size(5, 256, 768, 4, 2, pt_steps=1000, pt_batch=16, pt_lr=3e-3, sft_lr=1e-3, dpo_lr=1e-4,
-                vocab=4096, max_len=512),
-    "20M": _size(8, 256, 512, 2, 1, pt_steps=8000, pt_batch=256, pt_lr=8e-3, sft_lr=8e-4, dpo_lr=8e-5),
-    "60M": _size(16, 512, 1024, 4, 2, pt_steps=16000, pt_batch=512, pt_lr=6e-3, sft_lr=6e-4, dpo_lr=6e-5),
-    "160M": _size(24, 768, 1536, 6, 3, pt_steps=24000, pt_batch=768, pt_lr=4e-3, sft_lr=4e-4, dpo_lr=4e-5),
-    "320M": _size(32, 1024, 2048, 8, 4, pt_steps=32000, pt_batch=1024, pt_lr=2e-3, sft_lr=2e-4, dpo_lr=2e-5),
+SIZES: dict[str, SizePreset] = {
+    "1M": SizePreset(layers=4, hidden=128, intermediate=256, heads=4, kv_heads=2, pt_steps=300, pt_batch=8,
+                     pt_lr=3e-3, sft_lr=1e-3, dpo_lr=1e-4, vocab=4096, max_len=256),
+    "5M": SizePreset(layers=5, hidden=256, intermediate=768, heads=4, kv_heads=2, pt_steps=1000, pt_batch=16,
+                     pt_lr=3e-3, sft_lr=1e-3, dpo_lr=1e-4, vocab=4096, max_len=512),
+    "20M": SizePreset(layers=8, hidden=256, intermediate=512, heads=2, kv_heads=1, pt_steps=8000, pt_batch=256,
+                      pt_lr=8e-3, sft_lr=8e-4, dpo_lr=8e-5),
+    "60M": SizePreset(layers=16, hidden=512, intermediate=1024, heads=4, kv_heads=2, pt_steps=16000, pt_batch=512,
+                      pt_lr=6e-3, sft_lr=6e-4, dpo_lr=6e-5),
+    "160M": SizePreset(layers=24, hidden=768, intermediate=1536, heads=6, kv_heads=3, pt_steps=24000, pt_batch=768,
+                       pt_lr=4e-3, sft_lr=4e-4, dpo_lr=4e-5),
+    "320M": SizePreset(layers=32, hidden=1024, intermediate=2048, heads=8, kv_heads=4, pt_steps=32000,
+                       pt_batch=1024, pt_lr=2e-3, sft_lr=2e-4, dpo_lr=2e-5),
 }
 
 

@@ -6,10 +6,9 @@ Importing this package imports torch and transformers; the CLI imports it inside
 from doge_cli.model.generation import GenerationOutput, generate
 from doge_cli.model.hub import load_model, save_pretrained
 from doge_cli.model.modeling import CausalLMOutput, DogeForCausalLM, KVCache
-from doge_cli.model.sizes import SIZES, count_parameters, size_config, training_flops_per_token
+from doge_cli.model.sizes import count_parameters, size_config, training_flops_per_token
 
 __all__ = [
-    "SIZES",
     "CausalLMOutput",
     "DogeForCausalLM",
     "GenerationOutput",

@@ -1,4 +1,5 @@
-"""Model-shape presets, parameter counts and training FLOPs per token (for MFU)."""
+"""Parameter counts and training FLOPs per token (for MFU) of a Doge config; ``size_config`` builds
+the DogeConfig of a named size from the one size registry, ``doge_cli.config.presets.SIZES``."""
 
 from __future__ import annotations
 
@@ -8,23 +9,16 @@ from transformers import DogeConfig
 
 from doge_cli.model.modeling import head_dim, is_legacy
 
-# The SmallDoge training guide's table: (layers, hidden, intermediate, heads, kv heads);
-# vocab 32768, tied embeddings, 2048 positions. Parameter counts 13M / 54M / 152M / 335M.
-SIZES: dict[str, tuple[int, int, int, int, int]] = {
-    "Doge-20M": (8, 256, 512, 2, 1),
-    "Doge-60M": (16, 512, 1024, 4, 2),
-    "Doge-160M": (24, 768, 1536, 6, 3),
-    "Doge-320M": (32, 1024, 2048, 8, 4),
-}
-
 
 def size_config(name: str, **overrides) -> DogeConfig:
-    """A DogeConfig for a named size (dense; ``router_aux_loss_coef`` 0, which TRL needs for dense Doge)."""
-    layers, hidden, inter, heads, kv = SIZES[name]
-    values = dict(vocab_size=32768, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
-                  keep_window_size=2048, tie_word_embeddings=True, router_aux_loss_coef=0.0)
-    values.update(overrides)
+    """A DogeConfig for a size preset of ``doge_cli.config.presets.SIZES`` ("20M" or "Doge-20M"; dense,
+    ``router_aux_loss_coef`` 0, which TRL needs for dense Doge)."""
+    from doge_cli.config.presets import SIZES, normalize_size
+
+    key = normalize_size(name)
+    if key is None:
+        raise KeyError(f"unknown size {name!r}; sizes: {', '.join(SIZES)}")
+    values = {**SIZES[key].model, "router_aux_loss_coef": 0.0, **overrides}
     return DogeConfig(**values)
 
 

@@ -50,11 +50,11 @@ def test_size_names_are_forgiving():
 
 
 def test_micro_batch_fits_memory_and_divides_the_batch():
-    model = SIZES["320M"]["model"]
+    model = SIZES["320M"].model
     small = micro_batch_for(HARDWARE["rtx4090"], model, 2048, 1024)
     big = micro_batch_for(HARDWARE["h200"], model, 2048, 1024)
     assert 1 <= small < big and 1024 % small == 0 and 1024 % big == 0
-    assert micro_batch_for(HARDWARE["h200"], SIZES["1M"]["model"], 256, 8) == 8  # capped by the global batch
+    assert micro_batch_for(HARDWARE["h200"], SIZES["1M"].model, 256, 8) == 8  # capped by the global batch
     ckpt = micro_batch_for(HARDWARE["rtx4090"], model, 2048, 1024, checkpointing=True)
     assert ckpt >= small
 

@@ -7,7 +7,7 @@ import torch
 from transformers import DogeForCausalLM as HFDoge
 
 from doge_cli.model import DogeForCausalLM, count_parameters, training_flops_per_token
-from doge_cli.model.sizes import SIZES, size_config
+from doge_cli.model.sizes import size_config
 
 from .doge_twin import tiny_config
 
@@ -21,7 +21,7 @@ def _built(model_cls, config):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", list(SIZES))
+@pytest.mark.parametrize("name", list(TABLE))
 def test_size_presets_match_the_table_and_both_models(name):
     config = size_config(name)
     n = count_parameters(config)
