@@ -47,7 +47,9 @@ def cpu_model() -> str:
 
 
 def offline_status() -> str:
-    flags = [k for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(k) == "1"]
+    from doge_cli.offline import offline_flags
+
+    flags = offline_flags()
     return f"offline ({', '.join(flags)})" if flags else "online allowed (set HF_HUB_OFFLINE=1 to forbid hub access)"
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from doge_cli.errors import DogeError
+from doge_cli.offline import hub_offline
 
 SHARD_ROWS = 10_000
 
@@ -47,14 +48,6 @@ HUB_SOURCES: dict[str, HubSource] = {
                   fields={"prompt": "problem", "answer": "solution"}, licence="Apache-2.0"),
     )
 }
-
-
-def hub_offline() -> bool:
-    """True when the user (or environment) has switched the hub off."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return True
-    return False
 
 
 def offline_error(what: str) -> DogeError:

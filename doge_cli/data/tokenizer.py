@@ -63,7 +63,7 @@ def load_tokenizer(name_or_path: str):
     """``AutoTokenizer.from_pretrained`` with one-line errors for a missing path or an offline hub id."""
     from transformers import AutoTokenizer
 
-    from doge_cli.data.hub import hub_offline
+    from doge_cli.offline import hub_offline
 
     local = Path(name_or_path)
     if local.exists():

@@ -166,7 +166,7 @@ def hub_configs(name: str) -> list:
 
 def task_configs(names: list[str], datasets_dir: Path) -> list:
     """Configs for already expanded ``names``; hub tasks need the hub (DogeError when offline)."""
-    from doge_cli.data.hub import hub_offline
+    from doge_cli.offline import hub_offline
 
     hub = [n for n in names if n in HUB_TASKS]
     if hub and hub_offline():

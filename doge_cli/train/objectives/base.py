@@ -118,24 +118,12 @@ def _stage_of(path: Path) -> str | None:
 
 
 def load_tokenizer(path_or_id: str | None, fallback_dirs: list[Path]):
-    """The tokenizer named by the config, else the first folder in ``fallback_dirs`` that has one."""
-    from transformers import AutoTokenizer
+    """The tokenizer named by the config, else the first folder in ``fallback_dirs`` that has one, loaded
+    by the one tokenizer loader (``doge_cli.data.tokenizer.load_tokenizer``)."""
+    from doge_cli.data.tokenizer import load_tokenizer as load
 
     candidates = [path_or_id] if path_or_id else [str(d) for d in fallback_dirs if (Path(d) / "tokenizer_config.json").exists()]
     if not candidates:
         raise DogeError("no tokenizer found; set data.tokenizer=PATH (a folder from 'doge data train-tokenizer') "
                         "or tokenize the data with 'doge data tokenize', which records it")
-    name = candidates[0]
-    if not Path(name).exists() and _offline():
-        raise DogeError(f"tokenizer '{name}' is not a local folder and the hub is offline (HF_HUB_OFFLINE=1); "
-                        "pass a local tokenizer folder")
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise DogeError(f"cannot load tokenizer '{name}': {str(err).splitlines()[0][:200]}") from None
-
-
-def _offline() -> bool:
-    import os
-
-    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    return load(candidates[0])
