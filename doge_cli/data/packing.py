@@ -8,7 +8,7 @@ every document start and at every block start; a model recovers document ids as
 The last, partial block is kept: it is filled with the pad token, and the padding is its own
 "document" (positions restart at 0), so it cannot be attended to by real tokens. Trainers find it
 as the row's last document when that holds only pad tokens
-(``doge_cli.train.objectives.pt.padding_targets``), which stays right when pad and EOS are one token.
+(``doge_cli.train.objectives.lm.padding_targets``), which stays right when pad and EOS are one token.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ class Loop:
     def setup(self) -> None:
         """Data, tokenizer, model, optimizer, distribution wrappers and reference models; writes nothing."""
         from doge_cli.model.attention import check_backend_runs, resolve_backend
-        from doge_cli.train.objectives.pt import _unwrap
+        from doge_cli.train.objectives.lm import unwrap
 
         cfg, acc = self.config, self.acc
         torch.manual_seed(cfg.train.seed)
@@ -255,7 +255,7 @@ class Loop:
         # Checkpoints and the export read self.model, so a compile wrapper never renames their weights.
         self.train_model = torch.compile(self.model) if cfg.runtime.compile else self.model
         self.obj.after_prepare(self.model, acc)
-        self.module = _unwrap(self.model)
+        self.module = unwrap(self.model)
 
     def restore(self, resume: str | None) -> None:
         """Load the checkpoint to continue from (``--resume``), falling back past broken ones for ``auto``."""

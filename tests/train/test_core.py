@@ -220,7 +220,7 @@ def test_samples_are_logged_every_sample_every_steps(pt_data, tmp_path):
 
 
 def test_padding_targets_are_found_by_position_when_pad_is_eos():
-    from doge_cli.train.objectives.pt import next_token_labels, padding_targets
+    from doge_cli.train.objectives.lm import next_token_labels, padding_targets
 
     eos = pad = 2
     ids = torch.tensor([[5, 6, eos, 7, 8, eos, pad, pad, pad]])

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
+import importlib
+
 from doge_cli.config.schema import StageConfig
 from doge_cli.train.objectives.base import LossOutput, Objective
 
+# stage -> "module:class", imported on first use (each pulls in what it needs).
+REGISTRY: dict[str, str] = {
+    "pt": "doge_cli.train.objectives.pt:PretrainObjective",
+    "sft": "doge_cli.train.objectives.sft:SFTObjective",
+    "dpo": "doge_cli.train.objectives.dpo:DPOObjective",
+    "grpo": "doge_cli.train.objectives.grpo:GRPOObjective",
+}
+
 
 def objective_for(config: StageConfig) -> Objective:
-    """The objective of ``config.stage`` (imported lazily: each pulls in what it needs)."""
-    if config.stage == "pt":
-        from doge_cli.train.objectives.pt import PretrainObjective
-
-        return PretrainObjective(config)
-    if config.stage == "sft":
-        from doge_cli.train.objectives.sft import SFTObjective
-
-        return SFTObjective(config)
-    if config.stage == "dpo":
-        from doge_cli.train.objectives.dpo import DPOObjective
-
-        return DPOObjective(config)
-    if config.stage == "grpo":
-        from doge_cli.train.objectives.grpo import GRPOObjective
-
-        return GRPOObjective(config)
-    raise ValueError(f"unknown stage {config.stage!r}; choose pt, sft, dpo or grpo")
+    """The objective of ``config.stage``."""
+    module, _, name = REGISTRY[config.stage].partition(":")
+    return getattr(importlib.import_module(module), name)(config)
 
 
-__all__ = ["LossOutput", "Objective", "objective_for"]
+__all__ = ["REGISTRY", "LossOutput", "Objective", "objective_for"]

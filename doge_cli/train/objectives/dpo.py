@@ -27,14 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from doge_cli.errors import DogeError
-from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict
-from doge_cli.train.objectives.common import (
-    chat_tokenizer,
-    frozen_copy,
-    load_start_model,
-    pad_right,
-    token_logprobs,
-)
+from doge_cli.train.objectives.base import LossOutput, Objective
+from doge_cli.train.objectives.lm import pad_right, token_logprobs
+from doge_cli.train.objectives.loading import chat_tokenizer, frozen_copy, load_dataset_dict, load_start_model
 
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 

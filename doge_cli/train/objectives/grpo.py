@@ -37,15 +37,9 @@ import torch
 from doge_cli.chat_format import config_eos_ids
 from doge_cli.errors import DogeError
 from doge_cli.train.collective import stop_together
-from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict
-from doge_cli.train.objectives.common import (
-    chat_tokenizer,
-    frozen_copy,
-    load_start_model,
-    pad_left,
-    token_logprobs,
-)
-from doge_cli.train.objectives.pt import _unwrap
+from doge_cli.train.objectives.base import LossOutput, Objective
+from doge_cli.train.objectives.lm import pad_left, token_logprobs, unwrap
+from doge_cli.train.objectives.loading import chat_tokenizer, frozen_copy, load_dataset_dict, load_start_model
 from doge_cli.train.objectives.rewards import call_reward, resolve_reward
 
 ADVANTAGE_EPS = 1e-4  # TRL's, so a group with equal rewards gets advantage 0, not NaN
@@ -188,7 +182,7 @@ class GRPOObjective(Objective):
             return self._rollouts[1]
         if step != first:
             return self._load_rollouts(first)
-        policy = _unwrap(model)
+        policy = unwrap(model)
         was_training = policy.training
         policy.eval()
         try:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from doge_cli.errors import DogeError
-from doge_cli.train.objectives.base import LossOutput, Objective, load_dataset_dict
-from doge_cli.train.objectives.common import chat_tokenizer, load_start_model
-from doge_cli.train.objectives.pt import causal_lm_loss_sum
+from doge_cli.train.objectives.base import LossOutput, Objective
+from doge_cli.train.objectives.lm import causal_lm_loss_sum
+from doge_cli.train.objectives.loading import chat_tokenizer, load_dataset_dict, load_start_model
 
 REQUIRED = ("input_ids", "labels")
 

@@ -47,7 +47,7 @@ def trl_stub(*, beta, loss_type):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
 def test_loss_and_gradients_equal_trl(dpo_data, chat_root, tmp_path, loss_type):
     from doge_cli.model import load_model
-    from doge_cli.train.objectives.common import token_logprobs
+    from doge_cli.train.objectives.lm import token_logprobs
 
     beta = 0.3
     obj = objective(dpo_data, chat_root / "start", tmp_path, **{"dpo.beta": beta, "dpo.loss_type": loss_type})
@@ -94,7 +94,7 @@ def test_reply_spans_and_per_token_logps_equal_trls_concatenated_forward(dpo_dat
     from trl.trainer.utils import add_fused_lm_head
 
     from doge_cli.model import load_model
-    from doge_cli.train.objectives.common import token_logprobs
+    from doge_cli.train.objectives.lm import token_logprobs
 
     beta = 0.3
     obj = objective(dpo_data, chat_root / "start", tmp_path, **{"dpo.beta": beta})

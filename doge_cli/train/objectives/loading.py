@@ -1,16 +1,72 @@
-"""Pieces the post-training stages (SFT, DPO, GRPO) share: the chat tokenizer, the start model,
-per-token log-probabilities of sequences, and padding."""
+"""Loading what a stage trains on: the merged dataset, the tokenizer and the start model."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from doge_cli.chat_format import config_eos
 from doge_cli.errors import DogeError
-from doge_cli.train.objectives.base import load_tokenizer
-from doge_cli.train.objectives.pt import _unwrap, head_is_whole, tokenizer_from_manifest
+from doge_cli.train.objectives.lm import unwrap
+
+
+def load_dataset_dict(path: str, stage: str):
+    """Open a dataset folder written by ``doge data merge`` with a one-line error when it is not there."""
+    from datasets import DatasetDict, load_from_disk
+
+    p = Path(path)
+    hint = (f"make it with 'doge data download --recipe quickstart && doge data tokenize ... && "
+            f"doge data merge --stage {stage}' or set data.path")
+    if not p.exists():
+        raise DogeError(f"no dataset at {p}; {hint}")
+    try:
+        data = load_from_disk(str(p))
+    except (FileNotFoundError, ValueError) as err:
+        raise DogeError(f"{p} is not a saved dataset ({type(err).__name__}); {hint}") from None
+    made_for = _stage_of(p)
+    accepted = {"sft": ("sft", "r1")}.get(stage, (stage,))
+    if made_for is not None and made_for not in accepted:
+        raise DogeError(f"dataset {p} was made for stage {made_for} ('doge data merge --stage {made_for}'), not for "
+                        f"{stage}; point data.path at the merged {stage} data (e.g. ./datasets/merged/{stage})")
+    if not isinstance(data, DatasetDict):
+        data = DatasetDict({"train": data})
+    if "train" not in data or len(data["train"]) == 0:
+        raise DogeError(f"dataset {p} has no (or an empty) train split; {hint}")
+    return data
+
+
+def _stage_of(path: Path) -> str | None:
+    """The stage ``doge data merge`` recorded for a dataset folder, if any."""
+    from doge_cli.io import read_json_object
+
+    manifest = read_json_object(path / "manifest.json") if (path / "manifest.json").is_file() else None
+    stage = (manifest or {}).get("stage")
+    return stage if isinstance(stage, str) else None
+
+
+def load_tokenizer(path_or_id: str | None, fallback_dirs: list[Path]):
+    """The tokenizer named by the config, else the first folder in ``fallback_dirs`` that has one, loaded
+    by the one tokenizer loader (``doge_cli.data.tokenizer.load_tokenizer``)."""
+    from doge_cli.data.tokenizer import load_tokenizer as load
+
+    candidates = [path_or_id] if path_or_id else [str(d) for d in fallback_dirs if (Path(d) / "tokenizer_config.json").exists()]
+    if not candidates:
+        raise DogeError("no tokenizer found; set data.tokenizer=PATH (a folder from 'doge data train-tokenizer') "
+                        "or tokenize the data with 'doge data tokenize', which records it")
+    return load(candidates[0])
+
+
+def tokenizer_from_manifest(data_path: str) -> str | None:
+    """The tokenizer that ``doge data`` recorded for a dataset folder, if any."""
+    manifest = Path(data_path) / "manifest.json"
+    if manifest.is_file():
+        try:
+            return json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer")
+        except json.JSONDecodeError:
+            return None
+    return None
 
 
 def require_init_from(config) -> str:
@@ -69,44 +125,6 @@ def frozen_copy(model: torch.nn.Module, accelerator, instead: str) -> torch.nn.M
         raise DogeError(f"a frozen reference model is not supported under DeepSpeed ZeRO-3 or FSDP (each process "
                         f"holds only a shard of the weights); use {instead}, or ZeRO-2 / DDP")
 
-    ref = copy.deepcopy(_unwrap(model))
+    ref = copy.deepcopy(unwrap(model))
     ref.requires_grad_(False)
     return ref.eval()
-
-
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, targets: torch.Tensor,
-                   position_ids: torch.Tensor | None = None, temperature: float = 1.0,
-                   start: int = 0) -> torch.Tensor:
-    """log p(targets[:, t] | input_ids[:, :start + t + 1]) per position, 0 where the target is -100.
-
-    ``targets`` (B, T') are already shifted: ``targets[:, t]`` is the token that follows position
-    ``start + t``. Only those T' positions reach the head, through the fused linear log-probs (no
-    full logits); under ZeRO-3 or FSDP the sharded head is only whole inside the forward, so there the
-    model returns logits and a plain log-softmax is used.
-    """
-    from doge_cli.kernels.linear_cross_entropy import linear_logprobs
-
-    head = _unwrap(model).lm_head.weight
-    fused = head_is_whole(head)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                return_hidden_states=fused)
-    width = targets.shape[1]
-    if fused:
-        hidden = out.hidden_states[:, start:start + width]
-        flat = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]), head, targets.reshape(-1),
-                               temperature=temperature)
-        return flat.view_as(targets)
-    logits = out.logits[:, start:start + width].float() / temperature
-    safe = targets.clamp(min=0)
-    logps = torch.log_softmax(logits, dim=-1).gather(-1, safe[..., None]).squeeze(-1)
-    return logps.masked_fill(targets == -100, 0.0)
-
-
-def pad_right(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
-
-
-def pad_left(seqs: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([[value] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long)
