@@ -26,7 +26,7 @@ test: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q --randomly-seed=$$seed
 
 lint: install
-	$(BIN)/python -m ruff check doge_cli tests benchmarks
+	$(BIN)/python -m ruff check doge_cli tests benchmarks scripts
 
 bench: install
 	@for script in benchmarks/*.py; do \

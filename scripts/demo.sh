@@ -48,6 +48,6 @@ run eval --model ./runs/quickstart/pt/final --model ./runs/quickstart/dpo/final 
 run chat ./runs/quickstart/dpo/final --prompt "What is your favorite book?" --greedy --repetition-penalty 1.3 --max-new-tokens 48
 
 # 4. The two figures the demo promises.
-"$ROOT/.venv/bin/python" -m doge_cli.eval.demo_report --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
+"$ROOT/.venv/bin/python" "$ROOT/scripts/demo_report.py" --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
 echo
 echo "demo finished in $(( $(date +%s) - start )) s; everything is under $DEMO_DIR"

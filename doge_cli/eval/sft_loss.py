@@ -40,8 +40,14 @@ def assistant_token_loss(model, data, *, split: str = "test", batch_size: int = 
     ``model`` is a folder, hub id or loaded :class:`~doge_cli.model.DogeForCausalLM`; ``data`` is a
     saved DatasetDict (e.g. ``datasets/merged/sft``), a saved Dataset, or one in memory, with
     ``input_ids`` and ``labels`` (-100 outside replies) and optionally ``position_ids`` (packed rows).
+    The loss is SFT's own: each batch is packed into one padding-free row as the SFT objective packs it
+    (positions restart per conversation), targets come from its label rule (``sft.shift_labels``) and
+    the sum from the training loss (``lm.causal_lm_loss_sum``).
     """
     import torch
+
+    from doge_cli.train.objectives.lm import causal_lm_loss_sum
+    from doge_cli.train.objectives.sft import shift_labels
 
     if isinstance(model, str | Path):
         from doge_cli.chat.loading import pick_device
@@ -60,25 +66,15 @@ def assistant_token_loss(model, data, *, split: str = "test", batch_size: int = 
     with torch.no_grad():
         for start in range(0, len(ds), batch_size):
             rows = ds[start:start + batch_size]
-            width = max(len(x) for x in rows["input_ids"])
-            ids = torch.zeros(len(rows["input_ids"]), width, dtype=torch.long)
-            labels = torch.full_like(ids, -100)
-            pos = torch.zeros_like(ids)
-            for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"])):
-                ids[i, :len(x)] = torch.tensor(x)
-                labels[i, :len(y)] = torch.tensor(y)
-                # Right padding continues the positions, so the pads never start a new document.
-                p = rows["position_ids"][i] if has_pos else list(range(len(x)))
-                pos[i, :len(x)] = torch.tensor(p)
-                pos[i, len(x):] = torch.arange(p[-1] + 1, p[-1] + 1 + width - len(x)) if len(x) else 0
-            ids, labels, pos = ids.to(model.device), labels.to(model.device), pos.to(model.device)
-            logits = model(ids, position_ids=pos).logits.float()
-            target = labels[:, 1:]
-            mask = target != -100
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target.clamp(min=0),
-                                                       reduction="none")
-            total += float(losses[mask].sum())
-            count += int(mask.sum())
+            ids = sum((list(x) for x in rows["input_ids"]), [])
+            labels = sum((list(y) for y in rows["labels"]), [])
+            pos = sum((list(p) for p in rows["position_ids"]) if has_pos
+                      else (list(range(len(x))) for x in rows["input_ids"]), [])
+            batch = {"input_ids": torch.tensor([ids], device=model.device),
+                     "position_ids": torch.tensor([pos], device=model.device)}
+            targets = shift_labels(torch.tensor([labels], device=model.device), batch["position_ids"])
+            total += float(causal_lm_loss_sum(model, batch, targets).loss_sum)
+            count += int((targets != -100).sum())
     if count == 0:
         raise DogeError("the SFT split has no assistant tokens (every label is -100)")
     loss = total / count

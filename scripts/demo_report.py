@@ -6,7 +6,9 @@
 2. The held-out assistant-token loss of the SFT model against the base model's, on the test split
    of the merged SFT data.
 
-    python -m doge_cli.eval.demo_report --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
+    .venv/bin/python scripts/demo_report.py --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
+
+It lives with the demo script (``scripts/demo.sh`` runs it): it is the demo's own check, not a doge command.
 
 Exits 1 when either promise is not met, so a demo that stops teaching fails loudly.
 """
@@ -34,22 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-dir", type=Path, default=Path("eval"))
     args = parser.parse_args(argv)
 
-    from doge_cli.eval.sft_loss import assistant_token_loss
+    from doge_cli.eval import sft_loss
 
     base = args.runs / "pt" / "final"
     sft = args.runs / "sft" / "final"
     model_ppl, unigram_ppl = perplexity_figure(args.eval_dir, base)
     data = args.datasets_dir / "merged" / "sft"
-    base_loss = assistant_token_loss(str(base), str(data))
-    sft_loss = assistant_token_loss(str(sft), str(data))
+    base_loss = sft_loss.assistant_token_loss(str(base), str(data))
+    tuned_loss = sft_loss.assistant_token_loss(str(sft), str(data))
 
     ok_ppl = model_ppl["word_perplexity"] < unigram_ppl["word_perplexity"]
-    ok_sft = sft_loss["loss"] < base_loss["loss"]
+    ok_sft = tuned_loss["loss"] < base_loss["loss"]
     print("\nWhat the demo shows")
     print(f"  held-out word perplexity, builtin corpus: pretrained {model_ppl['word_perplexity']:,.1f} "
           f"vs unigram {unigram_ppl['word_perplexity']:,.1f} (bits/byte {model_ppl['bits_per_byte']:.3f} vs "
           f"{unigram_ppl['bits_per_byte']:.3f})  {'OK' if ok_ppl else 'NOT MET'}")
-    print(f"  held-out assistant-token loss ({sft_loss['tokens']:,} tokens): SFT {sft_loss['loss']:.3f} "
+    print(f"  held-out assistant-token loss ({tuned_loss['tokens']:,} tokens): SFT {tuned_loss['loss']:.3f} "
           f"vs base {base_loss['loss']:.3f} nats/token  {'OK' if ok_sft else 'NOT MET'}")
     return 0 if ok_ppl and ok_sft else 1
 
