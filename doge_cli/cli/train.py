@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
@@ -28,17 +29,51 @@ AccelerateOpt = Annotated[
 OutputOpt = Annotated[str | None, typer.Option("--output-dir", "-o", help="Run folder (sets output_dir).")]
 
 
-def _run_stage(stage: str, args, size, hardware, resume, overwrite, accelerate_config, extra: list[str]) -> None:
-    if accelerate_config:
-        _relaunch(accelerate_config, stage, args, size, hardware, resume, overwrite, extra)
-        return
+@dataclass
+class StageRun:
+    """What a ``doge train STAGE`` command line asks for, by name."""
+
+    stage: str
+    args: list[str] | None
+    size: str | None
+    hardware: str | None
+    resume: str | None
+    overwrite: bool
+    accelerate_config: str | None
+    init_from: str | None = None
+    output_dir: str | None = None
+
+    def overrides(self) -> list[str]:
+        """The recipe's overrides, then those the flags stand for (they win)."""
+        _, overrides = split_recipe_and_overrides(self.args)
+        extra = [f"init_from={self.init_from}"] if self.init_from else []
+        return [*overrides, *extra, *([f"output_dir={self.output_dir}"] if self.output_dir else [])]
+
+    def argv(self) -> list[str]:
+        """This command line again (for ``accelerate launch``), rebuilt from the parsed values, never
+        from ``sys.argv``, which belongs to whatever process called doge."""
+        recipe, _ = split_recipe_and_overrides(self.args)
+        out = ["train", self.stage, *([recipe] if recipe else []), *self.overrides()]
+        for flag, value in (("--size", self.size), ("--hardware", self.hardware), ("--resume", self.resume)):
+            if value is not None:
+                out += [flag, value]
+        return out + (["--overwrite"] if self.overwrite else [])
+
+
+def run_stage(run: StageRun) -> None:
+    """Resolve the config and train on the one core (or relaunch under accelerate first)."""
+    if run.accelerate_config:
+        check_accelerate_config(run.accelerate_config)
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", run.accelerate_config,
+               "-m", "doge_cli", *run.argv()]
+        raise typer.Exit(subprocess.call(cmd))
     from doge_cli.config.loader import resolve_config
     from doge_cli.train.core import train
     from doge_cli.train.objectives import objective_for
 
-    recipe, overrides = split_recipe_and_overrides(args)
-    config = resolve_config(stage, size=size, hardware=hardware, recipe=recipe, overrides=[*overrides, *extra])
-    result = train(config, objective_for(config), resume=resume, overwrite=overwrite)
+    recipe, _ = split_recipe_and_overrides(run.args)
+    config = resolve_config(run.stage, size=run.size, hardware=run.hardware, recipe=recipe, overrides=run.overrides())
+    result = train(config, objective_for(config), resume=run.resume, overwrite=run.overwrite)
     if result.final_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"final model: {result.final_dir}")
 
@@ -71,20 +106,6 @@ def check_accelerate_config(config_file: str) -> None:
             raise DogeError(f"DeepSpeed config {ds_file} is not valid JSON ({err})") from None
 
 
-def _relaunch(config_file: str, stage, args, size, hardware, resume, overwrite, extra: list[str]) -> None:
-    """Run this stage again under ``accelerate launch``: the command is rebuilt from the parsed
-    values (never from ``sys.argv``, which belongs to whatever process called doge)."""
-    check_accelerate_config(config_file)
-    argv = ["train", stage, *(args or []), *extra]
-    for flag, value in (("--size", size), ("--hardware", hardware), ("--resume", resume)):
-        if value is not None:
-            argv += [flag, value]
-    if overwrite:
-        argv.append("--overwrite")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "-m", "doge_cli", *argv]
-    raise typer.Exit(subprocess.call(cmd))
-
-
 @app.command("pt")
 def train_pt(
     args: RecipeAndOverridesArg = None,
@@ -98,10 +119,7 @@ def train_pt(
     accelerate_config: AccelerateOpt = None,
 ) -> None:
     """Pretrain Doge-Base from the merged pretraining dataset (doge data merge --stage pt)."""
-    extra = [f"init_from={init_from}"] if init_from else []
-    if output_dir:
-        extra.append(f"output_dir={output_dir}")
-    _run_stage("pt", args, size, hardware, resume, overwrite, accelerate_config, extra)
+    run_stage(StageRun("pt", args, size, hardware, resume, overwrite, accelerate_config, init_from, output_dir))
 
 
 ModelOpt = Annotated[
@@ -111,63 +129,30 @@ ModelOpt = Annotated[
 ]
 
 
-def _post_training(stage: str, args, size, hardware, model, output_dir, resume, overwrite, accelerate_config) -> None:
-    from doge_cli.errors import DogeError
+def _post_training_command(stage: str, summary: str):
+    """The command of a post-training stage: one signature for sft, dpo and grpo (the objective checks
+    that a start model was given, once)."""
 
-    extra = [f"init_from={model}"] if model else []
-    if output_dir:
-        extra.append(f"output_dir={output_dir}")
-    if not model and not accelerate_config:
-        from doge_cli.config.loader import resolve_config
+    def command(
+        args: RecipeAndOverridesArg = None,
+        model: ModelOpt = None,
+        size: SizeOpt = None,
+        hardware: HardwareOpt = None,
+        output_dir: OutputOpt = None,
+        resume: ResumeOpt = None,
+        overwrite: OverwriteOpt = False,
+        accelerate_config: AccelerateOpt = None,
+    ) -> None:
+        run_stage(StageRun(stage, args, size, hardware, resume, overwrite, accelerate_config, model, output_dir))
 
-        recipe, overrides = split_recipe_and_overrides(args)
-        config = resolve_config(stage, size=size, hardware=hardware, recipe=recipe, overrides=[*overrides, *extra])
-        if not config.init_from:
-            raise DogeError(f"doge train {stage} needs a model to start from: pass --model PATH|HUB_ID "
-                            "(e.g. the final/ folder of the previous stage) or set init_from in the recipe")
-    _run_stage(stage, args, size, hardware, resume, overwrite, accelerate_config, extra)
-
-
-@app.command("sft")
-def train_sft(
-    args: RecipeAndOverridesArg = None,
-    model: ModelOpt = None,
-    size: SizeOpt = None,
-    hardware: HardwareOpt = None,
-    output_dir: OutputOpt = None,
-    resume: ResumeOpt = None,
-    overwrite: OverwriteOpt = False,
-    accelerate_config: AccelerateOpt = None,
-) -> None:
-    """Supervised fine-tuning on chat data, loss on assistant tokens (Doge-Instruct SFT, R1 distillation)."""
-    _post_training("sft", args, size, hardware, model, output_dir, resume, overwrite, accelerate_config)
+    command.__doc__ = summary
+    command.__name__ = f"train_{stage}"
+    return command
 
 
-@app.command("dpo")
-def train_dpo(
-    args: RecipeAndOverridesArg = None,
-    model: ModelOpt = None,
-    size: SizeOpt = None,
-    hardware: HardwareOpt = None,
-    output_dir: OutputOpt = None,
-    resume: ResumeOpt = None,
-    overwrite: OverwriteOpt = False,
-    accelerate_config: AccelerateOpt = None,
-) -> None:
-    """Direct preference optimisation of an SFT model on chosen/rejected pairs (Doge-Instruct)."""
-    _post_training("dpo", args, size, hardware, model, output_dir, resume, overwrite, accelerate_config)
-
-
-@app.command("grpo")
-def train_grpo(
-    args: RecipeAndOverridesArg = None,
-    model: ModelOpt = None,
-    size: SizeOpt = None,
-    hardware: HardwareOpt = None,
-    output_dir: OutputOpt = None,
-    resume: ResumeOpt = None,
-    overwrite: OverwriteOpt = False,
-    accelerate_config: AccelerateOpt = None,
-) -> None:
-    """GRPO with verifiable rewards on maths prompts (Doge-R1)."""
-    _post_training("grpo", args, size, hardware, model, output_dir, resume, overwrite, accelerate_config)
+train_sft = app.command("sft")(_post_training_command(
+    "sft", "Supervised fine-tuning on chat data, loss on assistant tokens (Doge-Instruct SFT, R1 distillation)."))
+train_dpo = app.command("dpo")(_post_training_command(
+    "dpo", "Direct preference optimisation of an SFT model on chosen/rejected pairs (Doge-Instruct)."))
+train_grpo = app.command("grpo")(_post_training_command(
+    "grpo", "GRPO with verifiable rewards on maths prompts (Doge-R1)."))

@@ -41,3 +41,26 @@ def test_unknown_reward_exits_2(tmp_path, capsys):
                          "grpo.rewards=[{name: acuracy}]", f"output_dir={tmp_path / 'run'}",
                          f"data.path={tmp_path / 'nothing'}"], capsys)
     assert code == 2 and "Traceback" not in out
+
+
+def test_relaunch_is_built_from_the_parsed_values_not_sys_argv(tmp_path, capsys, monkeypatch):
+    """`run(argv=[...])` called from another program relaunches that command, never the host's sys.argv."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    launched = []
+    monkeypatch.setattr(sys, "argv", ["some-notebook-kernel", "--its-own-flags"])
+    monkeypatch.setattr(subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    launcher = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "ddp_cpu.yaml"
+    from .helpers import run_doge
+
+    code, _, err = run_doge(capsys, "train", "sft", "recipe.yaml", "optim.lr=1e-4", "--model", "runs/pt/final",
+                            "-o", str(tmp_path / "run"), "--hardware", "cpu", "--resume", "auto",
+                            "--accelerate-config", str(launcher))
+    assert code == 0, err
+    (cmd,) = launched
+    at = cmd.index("doge_cli")
+    assert cmd[:at + 1][-4:] == ["--config_file", str(launcher), "-m", "doge_cli"]
+    assert cmd[at + 1:] == ["train", "sft", "recipe.yaml", "optim.lr=1e-4", "init_from=runs/pt/final",
+                            f"output_dir={tmp_path / 'run'}", "--hardware", "cpu", "--resume", "auto"]

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import pad_right, token_logprobs
-from doge_cli.train.objectives.loading import chat_tokenizer, frozen_copy, load_dataset_dict, load_start_model
+from doge_cli.train.objectives.loading import (
+    chat_tokenizer,
+    frozen_copy,
+    load_dataset_dict,
+    load_start_model,
+    require_init_from,
+)
 
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
@@ -74,6 +80,7 @@ class DPOObjective(Objective):
 
     def setup(self) -> None:
         cfg = self.config
+        require_init_from(cfg)  # the start model is named before anything is loaded
         data = load_dataset_dict(cfg.data.path, "dpo")
         self.train_data = data["train"]
         self.eval_data = data.get(cfg.data.eval_split)

@@ -39,7 +39,13 @@ from doge_cli.errors import DogeError
 from doge_cli.train.collective import stop_together
 from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import pad_left, token_logprobs, unwrap
-from doge_cli.train.objectives.loading import chat_tokenizer, frozen_copy, load_dataset_dict, load_start_model
+from doge_cli.train.objectives.loading import (
+    chat_tokenizer,
+    frozen_copy,
+    load_dataset_dict,
+    load_start_model,
+    require_init_from,
+)
 from doge_cli.train.objectives.rewards import call_reward, resolve_reward
 
 ADVANTAGE_EPS = 1e-4  # TRL's, so a group with equal rewards gets advantage 0, not NaN
@@ -111,6 +117,7 @@ class GRPOObjective(Objective):
 
     def setup(self) -> None:
         cfg, sec = self.config, self.config.grpo
+        require_init_from(cfg)  # the start model is named before anything is loaded
         data = load_dataset_dict(cfg.data.path, "grpo")
         self.train_data = data["train"]
         for column in ("prompt", "answer"):

@@ -22,7 +22,12 @@ import torch
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import causal_lm_loss_sum
-from doge_cli.train.objectives.loading import chat_tokenizer, load_dataset_dict, load_start_model
+from doge_cli.train.objectives.loading import (
+    chat_tokenizer,
+    load_dataset_dict,
+    load_start_model,
+    require_init_from,
+)
 
 REQUIRED = ("input_ids", "labels")
 
@@ -61,6 +66,7 @@ class SFTObjective(Objective):
 
     def setup(self) -> None:
         cfg = self.config
+        require_init_from(cfg)  # the start model is named before anything is loaded
         data = load_dataset_dict(cfg.data.path, "sft")
         self.train_data = data["train"]
         self.eval_data = data.get(cfg.data.eval_split)
