@@ -22,6 +22,9 @@ are decorated); ``dma_attention`` imports it on first use for that reason.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import triton
 import triton.language as tl
@@ -30,14 +33,23 @@ LOG2E = 1.4426950408889634
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# Set by benchmarks/kernels_gpu.py's correctness check: outputs start as NaN instead of
-# uninitialised memory, so an element the kernels never write shows up as NaN.
-FILL_NAN = False
+_FILL_NAN = contextvars.ContextVar("doge_dma_fill_nan", default=False)
+
+
+@contextlib.contextmanager
+def unwritten_as_nan():
+    """Within this block the kernels' outputs start as NaN instead of uninitialised memory, so an
+    element they never write shows up as NaN (benchmarks/kernels_gpu.py's correctness check)."""
+    token = _FILL_NAN.set(True)
+    try:
+        yield
+    finally:
+        _FILL_NAN.reset(token)
 
 
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
-    return out.fill_(float("nan")) if FILL_NAN else out
+    return out.fill_(float("nan")) if _FILL_NAN.get() else out
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import torch
 
 from doge_cli.errors import DogeError
 
-__all__ = ["linear_cross_entropy", "linear_logprobs", "release_workspace"]
+__all__ = ["LossWorkspace", "linear_cross_entropy", "linear_logprobs"]
 
 # Logits held per chunk (fp32): 2**24 values = 64 MiB, e.g. 512 tokens of a 32k vocabulary. Larger
 # chunks were no faster on CPU (the three products per chunk dominate) and cost memory.
@@ -64,38 +64,37 @@ def _accumulate_outer(acc: torch.Tensor, grad: torch.Tensor, h: torch.Tensor) ->
         acc.add_(grad.t() @ h)
 
 
-class _Workspace:
+class LossWorkspace:
     """Chunk-sized buffers the loss reuses across chunks and calls (one set, for the latest shape).
 
     Allocating them anew for every chunk is what made the CPU loss slow: a 512 x 32768 fp32 chunk is
     64 MiB, above glibc's mmap threshold, so every new one arrived as fresh pages the kernel faults in
     and zeroes (converting a bf16 chunk to fp32 took 21 ms into a new tensor, 3 ms into a reused one,
     on the 2-core dev machine). The buffers exist at the loss's peak anyway, so keeping them between
-    steps does not raise peak memory.
+    steps does not raise peak memory. The caller owns one (a training objective keeps one for its run)
+    and passes it to :func:`linear_cross_entropy`; without one, each call allocates its own.
     """
 
-    key: tuple | None = None
-    buffers: dict[str, torch.Tensor] = {}
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
 
-    @classmethod
-    def get(cls, rows: int, hidden: torch.Tensor, weight: torch.Tensor, need_grad: bool) -> dict[str, torch.Tensor]:
+    def get(self, rows: int, hidden: torch.Tensor, weight: torch.Tensor, need_grad: bool) -> dict[str, torch.Tensor]:
         vocab, dim = weight.shape
         key = (hidden.device, hidden.dtype, rows, vocab, dim, need_grad)
-        if cls.key != key:
-            cls.key, cls.buffers = None, {}  # drop the old set before allocating the new one
-            low = hidden.dtype != torch.float32
+        if self.key != key:
+            self.release()  # drop the old set before allocating the new one
             new = {"fp32": torch.empty(rows, vocab, dtype=torch.float32, device=hidden.device)}
-            if low:
+            if hidden.dtype != torch.float32:
                 new["logits"] = torch.empty(rows, vocab, dtype=hidden.dtype, device=hidden.device)
                 if need_grad:  # the low-dtype gradient reuses "logits" (free once converted to fp32)
                     new["outer"] = torch.empty(vocab, dim, dtype=hidden.dtype, device=hidden.device)
-            cls.key, cls.buffers = key, new
-        return cls.buffers
+            self.key, self.buffers = key, new
+        return self.buffers
 
-
-def release_workspace() -> None:
-    """Free the loss's cached chunk buffers (they are rebuilt on the next call)."""
-    _Workspace.key, _Workspace.buffers = None, {}
+    def release(self) -> None:
+        """Free the buffers (they are rebuilt on the next call)."""
+        self.key, self.buffers = None, {}
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -107,7 +106,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, master_weight, targets, ignore_index, chunk_size, need_grad):
+    def forward(ctx, hidden, master_weight, targets, ignore_index, chunk_size, need_grad, workspace):
         # The weight is cast here, not by the caller, so its gradient leaves as the fp32 accumulator
         # itself (no round trip through the compute dtype and back, as autocast's cast would make).
         weight = master_weight.to(hidden.dtype)
@@ -118,7 +117,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dhidden = torch.empty_like(hidden) if need_grad else None
         # fp32 accumulator: summing many bf16 chunk products in bf16 would lose the small ones.
         dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        ws = _Workspace.get(min(chunk_size, n), hidden, weight, need_grad)
+        ws = (workspace or LossWorkspace()).get(min(chunk_size, n), hidden, weight, need_grad)
         low = hidden.dtype != torch.float32
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
@@ -161,7 +160,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dhidden, dweight = ctx.saved_tensors
         dh = dhidden * grad_loss.to(dhidden.dtype)
         dw = (dweight * grad_loss).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -172,6 +171,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    workspace: LossWorkspace | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets`` without the full logits.
 
@@ -185,6 +185,8 @@ def linear_cross_entropy(
             cannot poison the gradients.
         chunk_size: tokens per chunk (default: ``default_chunk_size(V)``, ~64 MiB of fp32 logits);
             peak extra memory is about ``chunk_size * V * 4`` bytes x 2.
+        workspace: chunk buffers to reuse across calls (:class:`LossWorkspace`); a training loop passes
+            the one it keeps, so every step reuses the same memory.
 
     Returns:
         A scalar fp32 loss, differentiable with respect to ``hidden`` and ``weight``.
@@ -198,7 +200,8 @@ def linear_cross_entropy(
     with torch.autocast(hidden.device.type, enabled=False):
         # hidden is cast outside the Function (autograd carries its gradient back to the caller's
         # dtype); the weight inside it, so the weight gradient is the fp32 accumulator itself.
-        loss = _LinearCrossEntropy.apply(hidden.to(dtype), weight, targets, ignore_index, chunk_size, need_grad)
+        loss = _LinearCrossEntropy.apply(hidden.to(dtype), weight, targets, ignore_index, chunk_size, need_grad,
+                                         workspace)
     if reduction == "mean":
         count = (targets != ignore_index).sum().clamp(min=1)
         loss = loss / count

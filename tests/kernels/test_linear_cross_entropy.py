@@ -126,24 +126,24 @@ def test_bad_shapes_and_arguments_raise_doge_error():
 
 
 def test_chunk_buffers_are_reused_across_calls_and_rebuilt_for_new_shapes():
-    lce.release_workspace()
+    workspace = lce.LossWorkspace()
     hidden, weight, targets = _inputs(n=40, v=300)
     ref = F.cross_entropy(hidden @ weight.t(), targets)
     rdh, rdw = torch.autograd.grad(ref, (hidden, weight))
     results, pointers = [], []
     for _ in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = linear_cross_entropy(hidden, weight, targets, chunk_size=16)
+            loss = linear_cross_entropy(hidden, weight, targets, chunk_size=16, workspace=workspace)
         results.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
-        pointers.append({k: b.data_ptr() for k, b in lce._Workspace.buffers.items()})
+        pointers.append({k: b.data_ptr() for k, b in workspace.buffers.items()})
     assert pointers[0] == pointers[1] and set(pointers[0]) == {"fp32", "logits", "outer"}
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))  # a reused buffer changes nothing
     assert abs(results[0][0].item() - ref.item()) <= 2e-2 * ref.item()
     assert _rel(results[0][1], rdh) <= 5e-2 and _rel(results[0][2], rdw) <= 5e-2
     # Another shape and dtype in between rebuilds the buffers and stays exact.
     other_h, other_w, other_t = _inputs(n=9, d=8, v=70, seed=1)
-    got = linear_cross_entropy(other_h, other_w, other_t, chunk_size=4)
+    got = linear_cross_entropy(other_h, other_w, other_t, chunk_size=4, workspace=workspace)
     assert abs(got.item() - F.cross_entropy(other_h @ other_w.t(), other_t).item()) <= 1e-5 * got.item()
-    assert lce._Workspace.buffers["fp32"].shape == (4, 70)
-    lce.release_workspace()
-    assert lce._Workspace.buffers == {}
+    assert workspace.buffers["fp32"].shape == (4, 70)
+    workspace.release()
+    assert workspace.buffers == {}

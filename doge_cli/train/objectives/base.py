@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from doge_cli.config.schema import StageConfig
+from doge_cli.kernels.linear_cross_entropy import LossWorkspace
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Objective(ABC):
         """The evaluation split, or None (set by ``setup``)."""
         self.model_config = None
         """The DogeConfig of the model being trained (set by ``build_model``)."""
+        self.loss_workspace = LossWorkspace()
+        """Chunk buffers of the fused LM loss, reused by every step of the run."""
 
     # -- data ---------------------------------------------------------------------------
     @abstractmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from doge_cli.kernels.linear_cross_entropy import LossWorkspace, linear_cross_entropy
 from doge_cli.train.objectives.base import LossOutput
 
 
@@ -44,14 +45,13 @@ def padding_targets(input_ids: torch.Tensor, position_ids: torch.Tensor | None, 
     return tail & ((input_ids == pad_id) | ~tail).all(-1, keepdim=True)
 
 
-def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> LossOutput:
+def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tensor,
+                       workspace: LossWorkspace | None = None) -> LossOutput:
     """Sum of next-token cross-entropies, through the fused linear cross-entropy (no full logits).
 
     Under DeepSpeed ZeRO-3 and FSDP the head's weight is only whole inside the model's forward, so
     there the model computes the logits itself and the loss is a plain cross-entropy.
     """
-    from doge_cli.kernels.linear_cross_entropy import linear_cross_entropy
-
     head = unwrap(model).lm_head.weight
     fused = head_is_whole(head)
     out = model(
@@ -62,7 +62,8 @@ def causal_lm_loss_sum(model, batch: dict[str, torch.Tensor], labels: torch.Tens
     )
     if fused:
         hidden = out.hidden_states
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), reduction="sum")
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), reduction="sum",
+                                    workspace=workspace)
     else:
         logits = out.logits.float()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),

@@ -88,7 +88,7 @@ class PretrainObjective(Objective):
         return DogeConfig(**fields)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> LossOutput:
-        return causal_lm_loss_sum(model, batch, batch["labels"])
+        return causal_lm_loss_sum(model, batch, batch["labels"], self.loss_workspace)
 
     def flops_per_target(self) -> float | None:
         from doge_cli.model import training_flops_per_token
