@@ -98,12 +98,12 @@ def data_tokenize(
     num_proc: Annotated[int | None, typer.Option("--num-proc", help="Processes for chat stages.")] = None,
 ) -> None:
     """Tokenize each stage's sources into <datasets-dir>/tokenized/<stage>/<source>/ (cached)."""
-    from doge_cli.data.schema import STAGES
+    from doge_cli.data.schema import DATA_STAGES
     from doge_cli.data.tokenization import tokenize_stages
     from doge_cli.errors import DogeError
 
     _quiet()
-    stages = stage or [s for s in STAGES if (datasets_dir / s).is_dir()]
+    stages = stage or [s for s in DATA_STAGES if (datasets_dir / s).is_dir()]
     if not stages:
         raise DogeError(f"no stage folders under {datasets_dir}; run `doge data download` first")
     tokenize_stages(tokenizer, datasets_dir, stages, max_length, sources=source, pack=pack, identity=identity,

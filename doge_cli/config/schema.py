@@ -388,3 +388,5 @@ STAGES: dict[str, type[StageConfig]] = {
     "dpo": DPOConfig,
     "grpo": GRPOConfig,
 }
+TRAINING_STAGES = tuple(STAGES)
+"""The stages ``doge train`` runs, in pipeline order (``doge_cli.data.schema.DATA_STAGES`` adds r1)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from doge_cli.data.builtin import BUILTIN_SOURCES, builtin_dataset
 from doge_cli.data.hub import HUB_SOURCES, load_hub_source
-from doge_cli.data.schema import STAGES, normalize
+from doge_cli.data.schema import DATA_STAGES, normalize
 from doge_cli.data.storage import save_dataset
 from doge_cli.errors import DogeError
 from doge_cli.io import check_component, check_replaceable
@@ -114,8 +114,8 @@ def import_local(
     """Read local files, map their fields onto ``stage``'s schema and save them as a source."""
     from doge_cli.data.local import load_local
 
-    if stage not in STAGES:
-        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    if stage not in DATA_STAGES:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
     path = Path(path)
     if name is None:  # the file's name, made a plain folder name
         name = re.sub(r"[^\w.+@=-]+", "-", path.resolve().stem).strip("-.") or "local"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from doge_cli.data.schema import STAGES
+from doge_cli.data.schema import DATA_STAGES
 from doge_cli.data.storage import folder_bytes, inputs_untouched, read_manifest
 from doge_cli.errors import DogeError
 from doge_cli.io import atomic_dir, check_replaceable, write_json
@@ -89,8 +89,8 @@ def merge_stage(
     """
     import datasets
 
-    if stage not in STAGES:
-        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    if stage not in DATA_STAGES:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
     if test_examples < 0 or (train_examples is not None and train_examples <= 0):
         raise DogeError("--train-examples must be positive and --test-examples not negative")
     out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage

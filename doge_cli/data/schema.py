@@ -14,9 +14,12 @@ from __future__ import annotations
 from typing import Any
 
 from doge_cli.chat_format import last_boxed
+from doge_cli.config.schema import TRAINING_STAGES
 from doge_cli.errors import DogeError
 
-STAGES = ("pt", "sft", "dpo", "grpo", "r1")
+# Data is made per training stage, plus r1: the R1 distillation conversations, which `doge train sft` trains on.
+DATA_STAGES = (*TRAINING_STAGES, "r1")
+TRAINED_BY = {**{stage: stage for stage in TRAINING_STAGES}, "r1": "sft"}
 
 REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
     "pt": ("text",),
@@ -67,7 +70,7 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
     required text ends up empty are dropped.
     """
     if stage not in REQUIRED_COLUMNS:
-        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
     fields = {k: v for k, v in (fields or {}).items() if v}
     cols = set(ds.column_names)
 

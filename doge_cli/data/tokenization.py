@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from doge_cli.chat_format import R1_SYSTEM_PROMPT
-from doge_cli.data.schema import STAGES
+from doge_cli.data.schema import DATA_STAGES
 from doge_cli.data.storage import inputs_untouched, read_manifest, save_dataset
 from doge_cli.errors import DogeError
 
@@ -261,9 +261,9 @@ def tokenize_stages(
     are only read (see ``storage.inputs_untouched``).
     """
 
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in DATA_STAGES]
     if unknown:
-        raise DogeError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(STAGES)}")
+        raise DogeError(f"unknown stage {unknown[0]!r}; choose from: {', '.join(DATA_STAGES)}")
     check_max_length(max_length)
     with inputs_untouched():
         return _tokenize_stages(tokenizer, datasets_dir, stages, max_length, sources=sources, pack=pack,

@@ -180,3 +180,14 @@ def test_non_finite_reward_weight_is_refused(tmp_path):
     recipe.write_text("grpo:\n  rewards:\n    - {name: accuracy, weight: .inf}\n")
     with pytest.raises(ConfigError, match="grpo.rewards.0.weight.*finite"):
         resolve_config("grpo", hardware="cpu", recipe=recipe)
+
+
+def test_one_list_of_training_stages_everywhere():
+    from doge_cli.config.presets import STAGE_DEFAULTS
+    from doge_cli.config.schema import TRAINING_STAGES
+    from doge_cli.data.schema import DATA_STAGES, TRAINED_BY
+    from doge_cli.train.objectives import REGISTRY
+
+    assert TRAINING_STAGES == ("pt", "sft", "dpo", "grpo")
+    assert tuple(REGISTRY) == tuple(STAGE_DEFAULTS) == TRAINING_STAGES
+    assert set(DATA_STAGES) == {*TRAINING_STAGES, "r1"} and set(TRAINED_BY.values()) == set(TRAINING_STAGES)

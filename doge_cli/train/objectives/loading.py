@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from doge_cli.chat_format import config_eos
+from doge_cli.data.schema import TRAINED_BY
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.lm import unwrap
 
@@ -26,8 +27,7 @@ def load_dataset_dict(path: str, stage: str):
     except (FileNotFoundError, ValueError) as err:
         raise DogeError(f"{p} is not a saved dataset ({type(err).__name__}); {hint}") from None
     made_for = _stage_of(p)
-    accepted = {"sft": ("sft", "r1")}.get(stage, (stage,))
-    if made_for is not None and made_for not in accepted:
+    if made_for is not None and TRAINED_BY.get(made_for) != stage:
         raise DogeError(f"dataset {p} was made for stage {made_for} ('doge data merge --stage {made_for}'), not for "
                         f"{stage}; point data.path at the merged {stage} data (e.g. ./datasets/merged/{stage})")
     if not isinstance(data, DatasetDict):
