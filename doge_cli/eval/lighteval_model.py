@@ -24,6 +24,8 @@ from lighteval.models.model_output import ModelResponse
 from lighteval.tasks.prompt_manager import PromptManager
 from lighteval.tasks.requests import Doc
 
+from doge_cli.eval.lighteval_patches import NoCache
+
 
 def rolling_windows(n_tokens: int, max_length: int) -> list[tuple[int, int, int]]:
     """``(start, end, first_target)`` windows over a sequence of ``n_tokens`` (BOS prefix included): a
@@ -44,14 +46,6 @@ class DogeModelConfig(ModelConfig):
     """What lighteval records about the model (its name); the model itself is passed in built."""
 
 
-class _NoCache:
-    """lighteval's Pipeline hands its task registry to the model's sample cache; doge keeps none, so
-    a rerun always evaluates the model as it is now."""
-
-    def _init_registry(self, registry) -> None:
-        pass
-
-
 class DogeLightevalModel(LightevalModel):
     def __init__(self, model, tokenizer, *, name: str, batch_size: int = 8, use_chat_template: bool = False,
                  system_prompt: str | None = None, max_length: int | None = None):
@@ -61,7 +55,7 @@ class DogeLightevalModel(LightevalModel):
         self.use_chat_template = use_chat_template
         self._max_length = max_length or model.config.max_position_embeddings
         self.prompt_manager = PromptManager(use_chat_template, tokenizer, system_prompt)
-        self._cache = _NoCache()
+        self._cache = NoCache()
         from doge_cli.chat_format import stop_ids
 
         self.stop_ids = stop_ids(model.config, tokenizer)

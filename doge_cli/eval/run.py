@@ -20,12 +20,10 @@ import json
 import re
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from doge_cli.errors import DogeError
 
-QUIET_LOGGERS = ("lighteval", "datasets", "accelerate")
 FAMILIES = ("mmlu", "bigbench_hard")  # one requested name that lighteval runs as many subtasks
 
 
@@ -33,43 +31,6 @@ def model_slug(model: str) -> str:
     """A file name for a model path or hub id: ``runs/pt/final`` -> ``runs-pt-final``."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(model).strip("./")).strip("-.")
     return slug or "model"
-
-
-@contextmanager
-def _only_these_tasks(configs: list):
-    """Make lighteval's registry see only ``configs`` instead of importing every task module."""
-    from lighteval.tasks.registry import Registry
-
-    original = Registry.__dict__["load_all_task_configs"]
-    table = {c.name: c for c in configs}
-    Registry.load_all_task_configs = staticmethod(lambda custom_tasks=None, load_multilingual=False: dict(table))
-    try:
-        yield
-    finally:
-        Registry.load_all_task_configs = original
-
-
-@contextmanager
-def _quiet_lighteval():
-    """lighteval logs every step and draws a bar per bootstrap; doge prints its own summary instead."""
-    import logging
-
-    import datasets
-
-    datasets.disable_progress_bars()
-    from lighteval.metrics.utils import stderr
-
-    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    bar = stderr.LIGHTEVAL_DISABLE_TQDM
-    stderr.LIGHTEVAL_DISABLE_TQDM = True  # its bootstrap bar reads this module global at each call
-    try:
-        yield
-    finally:
-        stderr.LIGHTEVAL_DISABLE_TQDM = bar
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
 
 
 def _task_results(final: dict) -> dict:
@@ -147,15 +108,11 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     log(f"importing lighteval and running {', '.join(names)}")
     import torch
 
-    # lighteval's transformers backend switches autograd off for the whole process when it is
-    # imported; a caller that trains after evaluating (the demo, notebooks, tests) must not inherit that.
+    from doge_cli.eval import lighteval_patches as patches
+
     grad_mode = torch.is_grad_enabled()
-    from lighteval.logging.evaluation_tracker import EvaluationTracker
-    from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
-
+    EvaluationTracker, ParallelismManager, Pipeline, PipelineParameters = patches.import_pipeline()
     from doge_cli.eval.lighteval_model import DogeLightevalModel
-
-    torch.set_grad_enabled(grad_mode)
 
     wrapped = DogeLightevalModel(lm, tok, name=model_slug(model), batch_size=batch_size,
                                  use_chat_template=use_chat_template, system_prompt=system_prompt)
@@ -165,7 +122,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     import tempfile
 
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch, _only_these_tasks(configs), _quiet_lighteval():
+    with tempfile.TemporaryDirectory() as scratch, patches.only_these_tasks(configs), patches.quiet():
         tracker = EvaluationTracker(output_dir=scratch, save_details=False)
         try:
             pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=wrapped)

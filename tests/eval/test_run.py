@@ -6,7 +6,8 @@ import pytest
 
 from doge_cli.errors import DogeError
 from doge_cli.eval.baseline import count_units
-from doge_cli.eval.run import _only_these_tasks, load_results, model_slug
+from doge_cli.eval.lighteval_patches import only_these_tasks
+from doge_cli.eval.run import load_results, model_slug
 
 
 def test_results_json_has_every_builtin_metric_in_range(results):
@@ -53,7 +54,7 @@ def test_perplexity_matches_transformers_doge(results, eval_env):
 def test_registry_is_restored_after_a_run(results):
     from lighteval.tasks.registry import Registry
 
-    with _only_these_tasks([]):
+    with only_these_tasks([]):
         assert Registry.load_all_task_configs() == {}
     assert Registry.load_all_task_configs.__name__ == "load_all_task_configs"
 
