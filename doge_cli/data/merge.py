@@ -72,6 +72,56 @@ def _take(rng: np.random.Generator, order: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _tokenized_sources(base: Path, stage: str) -> tuple[list[Path], dict[str, dict]]:
+    """The tokenized source folders of a stage and their manifests, which must agree on the tokenizer
+    (identified by its fingerprint: vocabulary, merges, specials, template, never its path) and length."""
+    dirs = sorted(p for p in base.glob("*") if (p / "state.json").is_file())
+    if not dirs:
+        raise DogeError(f"no tokenized {stage} data under {base}; run `doge data tokenize --stage {stage}` first")
+    made_with = {p.name: read_manifest(p) for p in dirs}
+    broken = [name for name, m in made_with.items() if not m or not isinstance(m.get("cache_key"), dict)]
+    if broken:
+        raise DogeError(f"{base / broken[0]} has no readable manifest from `doge data tokenize`; "
+                        f"re-run `doge data tokenize --stage {stage}`")
+    fingerprints = {m["cache_key"].get("tokenizer") for m in made_with.values()}
+    if len(fingerprints) > 1:
+        by = ", ".join(f"{n}: {m.get('tokenizer')} ({m['cache_key'].get('tokenizer')})" for n, m in made_with.items())
+        raise DogeError(f"the tokenized {stage} sources were made with different tokenizers ({by}); "
+                        f"re-run `doge data tokenize --stage {stage}` with one tokenizer")
+    lengths = {m["cache_key"].get("max_length") for m in made_with.values()}
+    if len(lengths) > 1:
+        raise DogeError(f"the tokenized {stage} sources were made with different --max-length values "
+                        f"({', '.join(map(str, sorted(lengths, key=str)))}); re-run `doge data tokenize --stage {stage}` "
+                        "with one --max-length")
+    return dirs, made_with
+
+
+def _mixture(sizes_all: dict[str, int], ratios: dict[str, float], stage: str,
+             train_examples: int | None, test_examples: int) -> tuple[dict[str, float], dict[str, int], int]:
+    """``(weights, sizes of the sources used, train_examples)`` of a mixture, checked."""
+    unknown = [n for n in ratios if n not in sizes_all]
+    if unknown:
+        raise DogeError(f"--ratio names {unknown[0]!r}, not a tokenized {stage} source; sources: {', '.join(sizes_all)}")
+    if ratios:  # sources the user left out of an explicit mixture are not used
+        weights = {n: ratios.get(n, 0.0) for n in sizes_all}
+    else:
+        weights = {n: DEFAULT_RATIOS.get(n, 1.0) for n in sizes_all}
+    sizes = {n: size for n, size in sizes_all.items() if weights[n] > 0}
+    if not sizes:
+        raise DogeError("every ratio is 0; give at least one source a positive weight")
+    if train_examples is not None and train_examples > MAX_PASSES * sum(sizes.values()):
+        raise DogeError(f"--train-examples {train_examples:,} would repeat the {sum(sizes.values()):,} available rows "
+                        f"more than {MAX_PASSES} times; lower it (or add data)")
+    if train_examples is None:
+        # The largest mixture in which no source repeats (test rows included).
+        share = {n: weights[n] / sum(weights[m] for m in sizes) for n in sizes}
+        total = int(min(sizes[n] / share[n] for n in sizes))
+        train_examples = total - test_examples
+        if train_examples <= 0:
+            raise DogeError(f"only {total} rows at these ratios; lower --test-examples")
+    return weights, sizes, train_examples
+
+
 def merge_stage(
     datasets_dir: Path,
     stage: str,
@@ -95,48 +145,11 @@ def merge_stage(
         raise DogeError("--train-examples must be positive and --test-examples not negative")
     out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage
     check_replaceable(out, "merge output")
-    base = Path(datasets_dir) / "tokenized" / stage
-    dirs = sorted(p for p in base.glob("*") if (p / "state.json").is_file())
-    if not dirs:
-        raise DogeError(f"no tokenized {stage} data under {base}; run `doge data tokenize --stage {stage}` first")
-    made_with = {p.name: read_manifest(p) for p in dirs}
-    broken = [name for name, m in made_with.items() if not m or not isinstance(m.get("cache_key"), dict)]
-    if broken:
-        raise DogeError(f"{base / broken[0]} has no readable manifest from `doge data tokenize`; "
-                        f"re-run `doge data tokenize --stage {stage}`")
-    # Sources tokenized by different tokenizers or at different lengths cannot share a model. A
-    # tokenizer is identified by its fingerprint (vocabulary, merges, specials, template), not its path.
-    fingerprints = {m["cache_key"].get("tokenizer") for m in made_with.values()}
-    if len(fingerprints) > 1:
-        by = ", ".join(f"{n}: {m.get('tokenizer')} ({m['cache_key'].get('tokenizer')})" for n, m in made_with.items())
-        raise DogeError(f"the tokenized {stage} sources were made with different tokenizers ({by}); "
-                        f"re-run `doge data tokenize --stage {stage}` with one tokenizer")
-    lengths = {m["cache_key"].get("max_length") for m in made_with.values()}
-    if len(lengths) > 1:
-        raise DogeError(f"the tokenized {stage} sources were made with different --max-length values "
-                        f"({', '.join(map(str, sorted(lengths, key=str)))}); re-run `doge data tokenize --stage {stage}` "
-                        "with one --max-length")
+    dirs, made_with = _tokenized_sources(Path(datasets_dir) / "tokenized" / stage, stage)
     parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
-    ratios = dict(ratios or {})
-    unknown = [n for n in ratios if n not in parts]
-    if unknown:
-        raise DogeError(f"--ratio names {unknown[0]!r}, not a tokenized {stage} source; sources: {', '.join(parts)}")
-    weights = {n: ratios.get(n, DEFAULT_RATIOS.get(n, 1.0)) for n in parts}
-    if ratios:  # sources the user left out of an explicit mixture are not used
-        weights = {n: (ratios[n] if n in ratios else 0.0) for n in parts}
-    sizes = {n: len(ds) for n, ds in parts.items() if weights[n] > 0}
-    if not sizes or sum(weights[n] for n in sizes) <= 0:
-        raise DogeError("every ratio is 0; give at least one source a positive weight")
+    weights, sizes, train_examples = _mixture({n: len(ds) for n, ds in parts.items()}, dict(ratios or {}), stage,
+                                              train_examples, test_examples)
     share = {n: weights[n] / sum(weights[m] for m in sizes) for n in sizes}
-    if train_examples is not None and train_examples > MAX_PASSES * sum(sizes.values()):
-        raise DogeError(f"--train-examples {train_examples:,} would repeat the {sum(sizes.values()):,} available rows "
-                        f"more than {MAX_PASSES} times; lower it (or add data)")
-    if train_examples is None:
-        # The largest mixture in which no source repeats (test rows included).
-        total = int(min(sizes[n] / share[n] for n in sizes))
-        train_examples = total - test_examples
-        if train_examples <= 0:
-            raise DogeError(f"only {total} rows at these ratios; lower --test-examples")
     test_counts = plan_counts(sizes, share, test_examples)
     train_counts = plan_counts(sizes, share, train_examples)
 
@@ -149,9 +162,8 @@ def merge_stage(
             raise DogeError(f"source {name} has {sizes[name]} rows, too few for {n_test} test rows; lower --test-examples")
         test_idx, train_pool = order[:n_test], order[n_test:]
         train_idx = _take(rng, train_pool, train_counts[name])
-        ds = parts[name]
-        test_parts.append(ds.select(test_idx))
-        train_parts.append(ds.select(train_idx))
+        test_parts.append(parts[name].select(test_idx))
+        train_parts.append(parts[name].select(train_idx))
         used[name] = {"train": int(len(train_idx)), "test": int(n_test), "available": sizes[name],
                       "weight": weights[name], "repeats": round(len(train_idx) / max(1, len(train_pool)), 3)}
         log(f"{name}: {len(train_idx):,} train + {n_test:,} test of {sizes[name]:,} rows (weight {weights[name]:g})")
@@ -159,16 +171,13 @@ def merge_stage(
     with inputs_untouched():  # flatten_indices would leave cache files in the tokenized source folders
         train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
         test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
-    merged = datasets.DatasetDict({"train": train, "test": test})
     first = next(iter(made_with.values()))
     manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used,
                 "tokenizer": first.get("tokenizer"), "tokenizer_fingerprint": first["cache_key"].get("tokenizer"),
                 "max_length": first["cache_key"].get("max_length")}
     with atomic_dir(out, kind=f"merged {stage} dataset") as tmp:
-        merged.save_to_disk(str(tmp))
+        datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp))
         manifest["bytes"] = folder_bytes(tmp)
         write_json(tmp / "manifest.json", manifest)
     log(f"merged {stage}: {len(train):,} train, {len(test):,} test -> {out}")
     return manifest
-
-
