@@ -21,13 +21,6 @@ from doge_cli.errors import DogeError
 DATA_STAGES = (*TRAINING_STAGES, "r1")
 TRAINED_BY = {**{stage: stage for stage in TRAINING_STAGES}, "r1": "sft"}
 
-REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
-    "pt": ("text",),
-    "sft": ("messages",),
-    "r1": ("messages",),
-    "dpo": ("prompt", "chosen", "rejected"),
-    "grpo": ("prompt", "answer"),
-}
 
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant", "user": "user",
                  "assistant": "assistant", "system": "system"}
@@ -63,39 +56,33 @@ def _prompt_messages(value: Any, where: str) -> list[dict]:
     return [{"role": "user", "content": "" if value is None else str(value)}]
 
 
-def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str = "dataset"):
-    """Map ``ds`` onto the canonical columns of ``stage``; ``fields`` maps canonical name -> column.
+class _Columns:
+    """Finds the column that holds each canonical field of a source, and checks that text is text."""
 
-    Missing columns raise a :class:`DogeError` that lists the columns that exist. Rows whose
-    required text ends up empty are dropped.
-    """
-    if stage not in REQUIRED_COLUMNS:
-        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
-    fields = {k: v for k, v in (fields or {}).items() if v}
-    cols = set(ds.column_names)
+    def __init__(self, ds, stage: str, fields: dict[str, str] | None, where: str):
+        self.ds, self.stage, self.where = ds, stage, where
+        self.fields = {k: v for k, v in (fields or {}).items() if v}
+        self.cols = set(ds.column_names)
 
-    def column(name: str, required: bool = True, fallbacks: tuple[str, ...] = ()) -> str | None:
-        if name in fields:
-            if fields[name] not in cols:
-                raise DogeError(
-                    f"{where}: no field {fields[name]!r} (given for {name}); fields: {', '.join(sorted(cols))}"
-                )
-            return fields[name]
+    def find(self, name: str, required: bool = True, fallbacks: tuple[str, ...] = ()) -> str | None:
+        if name in self.fields:
+            if self.fields[name] not in self.cols:
+                raise DogeError(f"{self.where}: no field {self.fields[name]!r} (given for {name}); "
+                                f"fields: {', '.join(sorted(self.cols))}")
+            return self.fields[name]
         for cand in (name, *fallbacks):
-            if cand in cols:
+            if cand in self.cols:
                 return cand
         if required:
-            raise DogeError(
-                f"{where}: no {name!r} field for stage {stage}; fields: {', '.join(sorted(cols))}; "
-                f"map one with --{name}-field"
-            )
+            raise DogeError(f"{self.where}: no {name!r} field for stage {self.stage}; fields: "
+                            f"{', '.join(sorted(self.cols))}; map one with --{name}-field")
         return None
 
-    def require_text(canonical: str, name: str | None, *, messages_ok: bool = False) -> None:
+    def text(self, canonical: str, name: str | None, *, messages_ok: bool = False) -> None:
         """A column meant to hold text must be stored as text (or chat messages where those are allowed)."""
         if name is None:
             return
-        feature = ds.features[name]
+        feature = self.ds.features[name]
         dtype = getattr(feature, "dtype", None)
         if dtype in ("string", "large_string"):
             return
@@ -103,77 +90,97 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
         if messages_ok and (mixed or (dtype is None and hasattr(feature, "feature"))):
             return  # chat messages (a list per row): each row is checked when it is read
         kind = "mixed (not only text)" if mixed else (dtype if dtype not in (None, "list") else "list")
-        raise DogeError(f"{where}: field {name!r} (the {canonical}) holds {kind} values, not text; map a text "
+        raise DogeError(f"{self.where}: field {name!r} (the {canonical}) holds {kind} values, not text; map a text "
                         f"column with --{canonical}-field or fix the file")
 
-    if stage == "pt":
-        text, prompt = column("text", fallbacks=("content",)), column("prompt", required=False)
-        require_text("text", text)
-        require_text("prompt", prompt)
 
-        def fn(b):
-            out = {"text": ["" if t is None else str(t) for t in b[text]]}
-            if prompt:
-                out["prompt"] = ["" if p is None else str(p) for p in b[prompt]]
-            return out
+def _pt_rows(c: _Columns):
+    text, prompt = c.find("text", fallbacks=("content",)), c.find("prompt", required=False)
+    c.text("text", text)
+    c.text("prompt", prompt)
 
-        keep = "text"
-    elif stage in ("sft", "r1"):
-        msgs = column("messages", required="prompt" not in fields, fallbacks=("conversations",))
-        prompt = answer = None
-        if msgs is None:
-            prompt, answer = column("prompt"), column("answer", fallbacks=("response", "completion"))
-            require_text("prompt", prompt)
-            require_text("answer", answer)
-        system = "system" if "system" in cols else None
+    def fn(b):
+        out = {"text": ["" if t is None else str(t) for t in b[text]]}
+        if prompt:
+            out["prompt"] = ["" if p is None else str(p) for p in b[prompt]]
+        return out
 
-        def fn(b):
-            out = []
-            for i in range(len(b[msgs or prompt])):
-                if msgs:
-                    conv = to_messages(b[msgs][i], where)
-                else:
-                    conv = [{"role": "user", "content": str(b[prompt][i])},
-                            {"role": "assistant", "content": str(b[answer][i])}]
-                if system and b[system][i] and (not conv or conv[0]["role"] != "system"):
-                    conv = [{"role": "system", "content": str(b[system][i])}, *conv]
-                out.append(conv)
-            return {"messages": out}
+    return fn, "text"
 
-        keep = "messages"
-    elif stage == "dpo":
-        prompt, chosen, rejected = column("prompt"), column("chosen"), column("rejected")
-        for canonical, name in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            require_text(canonical, name, messages_ok=True)
 
-        def fn(b):
-            n = len(b[prompt])
-            return {
-                "prompt": [_prompt_messages(b[prompt][i], where) for i in range(n)],
-                "chosen": [_reply(b[chosen][i], where) for i in range(n)],
-                "rejected": [_reply(b[rejected][i], where) for i in range(n)],
-            }
+def _chat_rows(c: _Columns):
+    msgs = c.find("messages", required="prompt" not in c.fields, fallbacks=("conversations",))
+    prompt = answer = None
+    if msgs is None:
+        prompt, answer = c.find("prompt"), c.find("answer", fallbacks=("response", "completion"))
+        c.text("prompt", prompt)
+        c.text("answer", answer)
+    system = "system" if "system" in c.cols else None
 
-        keep = "chosen"
-    else:  # grpo
-        prompt = column("prompt", fallbacks=("problem", "question"))
-        answer = column("answer", fallbacks=("solution",))
-        require_text("prompt", prompt, messages_ok=True)  # answers may be numbers: they are compared as text
+    def fn(b):
+        out = []
+        for i in range(len(b[msgs or prompt])):
+            if msgs:
+                conv = to_messages(b[msgs][i], c.where)
+            else:
+                conv = [{"role": "user", "content": str(b[prompt][i])},
+                        {"role": "assistant", "content": str(b[answer][i])}]
+            if system and b[system][i] and (not conv or conv[0]["role"] != "system"):
+                conv = [{"role": "system", "content": str(b[system][i])}, *conv]
+            out.append(conv)
+        return {"messages": out}
 
-        def fn(b):
-            prompts, answers = [], []
-            for p, a in zip(b[prompt], b[answer]):
-                if isinstance(p, list):
-                    users = [m["content"] for m in to_messages(p, where) if m["role"] == "user"]
-                    p = users[-1] if users else ""
-                a = "" if a is None else str(a)
-                boxed = last_boxed(a)
-                prompts.append("" if p is None else str(p))
-                answers.append(boxed if boxed is not None else a.strip())
-            return {"prompt": prompts, "answer": answers}
+    return fn, "messages"
 
-        keep = "answer"
 
+def _dpo_rows(c: _Columns):
+    prompt, chosen, rejected = c.find("prompt"), c.find("chosen"), c.find("rejected")
+    for canonical, name in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        c.text(canonical, name, messages_ok=True)
+
+    def fn(b):
+        n = len(b[prompt])
+        return {
+            "prompt": [_prompt_messages(b[prompt][i], c.where) for i in range(n)],
+            "chosen": [_reply(b[chosen][i], c.where) for i in range(n)],
+            "rejected": [_reply(b[rejected][i], c.where) for i in range(n)],
+        }
+
+    return fn, "chosen"
+
+
+def _grpo_rows(c: _Columns):
+    prompt = c.find("prompt", fallbacks=("problem", "question"))
+    answer = c.find("answer", fallbacks=("solution",))
+    c.text("prompt", prompt, messages_ok=True)  # answers may be numbers: they are compared as text
+
+    def fn(b):
+        prompts, answers = [], []
+        for p, a in zip(b[prompt], b[answer]):
+            if isinstance(p, list):
+                users = [m["content"] for m in to_messages(p, c.where) if m["role"] == "user"]
+                p = users[-1] if users else ""
+            a = "" if a is None else str(a)
+            boxed = last_boxed(a)
+            prompts.append("" if p is None else str(p))
+            answers.append(boxed if boxed is not None else a.strip())
+        return {"prompt": prompts, "answer": answers}
+
+    return fn, "answer"
+
+
+_ROWS = {"pt": _pt_rows, "sft": _chat_rows, "r1": _chat_rows, "dpo": _dpo_rows, "grpo": _grpo_rows}
+
+
+def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str = "dataset"):
+    """Map ``ds`` onto the canonical columns of ``stage``; ``fields`` maps canonical name -> column.
+
+    Missing columns raise a :class:`DogeError` that lists the columns that exist; a column meant to
+    hold text that holds numbers or lists is refused. Rows whose required text ends up empty are dropped.
+    """
+    if stage not in _ROWS:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
+    fn, keep = _ROWS[stage](_Columns(ds, stage, fields, where))
     out = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"normalizing {where}")
     if keep == "messages":
         return out.filter(lambda b: [len(m) > 0 for m in b["messages"]], batched=True)
