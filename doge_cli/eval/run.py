@@ -81,6 +81,45 @@ def _baseline(pipeline, tokenizer) -> dict:
     return out
 
 
+def _run_pipeline(lm, tok, model: str, configs: list, names: list[str], *, num_fewshot: int,
+                  max_samples: int | None, batch_size: int, use_chat_template: bool, system_prompt: str | None):
+    """lighteval's Pipeline on the loaded model, with only ``configs`` registered; returns
+    ``(pipeline, final results)``. Autograd is as it was afterwards (see ``lighteval_patches``)."""
+    import tempfile
+
+    import torch
+
+    from doge_cli.eval import lighteval_patches as patches
+    from doge_cli.eval.tasks import HUB_TASKS
+
+    grad_mode = torch.is_grad_enabled()
+    EvaluationTracker, ParallelismManager, Pipeline, PipelineParameters = patches.import_pipeline()
+    from doge_cli.eval.lighteval_model import DogeLightevalModel
+
+    wrapped = DogeLightevalModel(lm, tok, name=model_slug(model), batch_size=batch_size,
+                                 use_chat_template=use_chat_template, system_prompt=system_prompt)
+    # Perplexity has no few-shot form; every other task takes --num-fewshot.
+    spec = ",".join(f"{c.name}|{0 if c.name == 'heldout-ppl' else num_fewshot}" for c in configs)
+    params = PipelineParameters(launcher_type=ParallelismManager.NONE, max_samples=max_samples)
+    with tempfile.TemporaryDirectory() as scratch, patches.only_these_tasks(configs), patches.quiet():
+        tracker = EvaluationTracker(output_dir=scratch, save_details=False)
+        try:
+            pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=wrapped)
+        except Exception as err:
+            hub = [n for n in names if n in HUB_TASKS]
+            if not hub:
+                raise
+            first = " ".join(str(err).split())[:160]
+            raise DogeError(f"could not load the data of {', '.join(hub)} from the hub ({type(err).__name__}: "
+                            f"{first}); check the network, or use the builtin offline tasks: "
+                            "heldout-ppl, chatterbot-mc, arithmetic") from err
+        try:
+            pipeline.evaluate()
+            return pipeline, pipeline.get_results()
+        finally:
+            torch.set_grad_enabled(grad_mode)
+
+
 def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0, datasets_dir: Path = Path("datasets"),
              output_dir: Path | None = Path("eval_results"), max_samples: int | None = None, batch_size: int = 8,
              use_chat_template: bool = False, system_prompt: str | None = None, tokenizer: str | None = None,
@@ -90,7 +129,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     Returns the results dict (the module docstring shows it) and, with ``output_dir``, writes it to
     ``<output_dir>/<model-slug>.json``; ``results["path"]`` is that file.
     """
-    from doge_cli.eval.tasks import HUB_TASKS, expand_task_names, task_configs
+    from doge_cli.eval.tasks import expand_task_names, task_configs
 
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
     if output_dir is not None:
@@ -106,39 +145,10 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
 
     log(f"importing lighteval and running {', '.join(names)}")
-    import torch
-
-    from doge_cli.eval import lighteval_patches as patches
-
-    grad_mode = torch.is_grad_enabled()
-    EvaluationTracker, ParallelismManager, Pipeline, PipelineParameters = patches.import_pipeline()
-    from doge_cli.eval.lighteval_model import DogeLightevalModel
-
-    wrapped = DogeLightevalModel(lm, tok, name=model_slug(model), batch_size=batch_size,
-                                 use_chat_template=use_chat_template, system_prompt=system_prompt)
-    # Perplexity has no few-shot form; every other task takes --num-fewshot.
-    spec = ",".join(f"{c.name}|{0 if c.name == 'heldout-ppl' else num_fewshot}" for c in configs)
-    params = PipelineParameters(launcher_type=ParallelismManager.NONE, max_samples=max_samples)
-    import tempfile
-
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as scratch, patches.only_these_tasks(configs), patches.quiet():
-        tracker = EvaluationTracker(output_dir=scratch, save_details=False)
-        try:
-            pipeline = Pipeline(tasks=spec, pipeline_parameters=params, evaluation_tracker=tracker, model=wrapped)
-        except Exception as err:
-            hub = [n for n in names if n in HUB_TASKS]
-            if not hub:
-                raise
-            first = " ".join(str(err).split())[:160]
-            raise DogeError(f"could not load the data of {', '.join(hub)} from the hub ({type(err).__name__}: "
-                            f"{first}); check the network, or use the builtin offline tasks: "
-                            "heldout-ppl, chatterbot-mc, arithmetic") from err
-        try:
-            pipeline.evaluate()
-            final = pipeline.get_results()
-        finally:
-            torch.set_grad_enabled(grad_mode)
+    pipeline, final = _run_pipeline(lm, tok, model, configs, names, num_fewshot=num_fewshot, max_samples=max_samples,
+                                    batch_size=batch_size, use_chat_template=use_chat_template,
+                                    system_prompt=system_prompt)
     from importlib.metadata import version
 
     from doge_cli import __version__

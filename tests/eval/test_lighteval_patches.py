@@ -3,8 +3,6 @@ fails here, loudly, instead of silently undoing a patch (doge_cli/eval/lighteval
 
 import inspect
 
-import torch
-
 from doge_cli.eval import lighteval_patches as patches
 
 
@@ -32,13 +30,21 @@ def test_progress_bar_switch_is_the_module_global_the_bootstrap_reads():
 
 
 def test_pipeline_hands_its_registry_to_the_model_cache():
-    from lighteval import pipeline
+    import sys
 
+    patches.import_pipeline()  # a bare `import lighteval.pipeline` would switch autograd off for every later test
+    pipeline = sys.modules["lighteval.pipeline"]
     assert "self.model._cache._init_registry(" in inspect.getsource(pipeline)
     assert callable(patches.NoCache()._init_registry)
 
 
 def test_importing_the_pipeline_leaves_autograd_as_it_was():
-    assert torch.is_grad_enabled()
-    patches.import_pipeline()
-    assert torch.is_grad_enabled()
+    import subprocess
+    import sys
+
+    # In a fresh process: here lighteval may be imported already, and the switch happens at first import.
+    code = ("import torch; from doge_cli.eval import lighteval_patches as p; p.import_pipeline(); "
+            "print(torch.is_grad_enabled())")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+    code = "import torch, lighteval.pipeline; print(torch.is_grad_enabled())"  # what the patch is for
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
