@@ -128,24 +128,34 @@ def check_file_target(path: str | os.PathLike, *, is_ours: Callable[[Path], bool
     return path
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write the file at; on success it is renamed to ``path``
+    (atomically: a reader sees the old file or the whole new one). On failure it is removed and
+    ``path`` is left as it was; a full disk or another OS error is a one-line :class:`DogeError`."""
     target = Path(path)
     if target.is_dir():
         raise DogeError(f"{target} is a folder; give a file path such as {target / 'config.yaml'}")
-    parent = target.parent
-    if not parent.exists():
-        raise DogeError(f"folder {parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
+    if not target.parent.exists():
+        raise DogeError(f"folder {target.parent} does not exist; create it first")
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        yield tmp
         os.replace(tmp, target)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         if is_disk_full(err):
             raise DogeError(f"disk full while writing {target}; free some space or choose another folder") from None
         raise DogeError(f"could not write {target}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """A text file, written through :func:`atomic_file`: never half-written."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

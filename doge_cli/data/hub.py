@@ -9,12 +9,12 @@ where it stopped; a full download relies on the datasets cache, which resumes fi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from doge_cli.errors import DogeError
+from doge_cli.io import atomic_file
 from doge_cli.offline import hub_offline
 
 SHARD_ROWS = 10_000
@@ -125,9 +125,8 @@ def _stream_to_shards(stream, src: HubSource, revision: str | None, max_examples
         if not buf:
             return
         final = partial_dir / f"shard-{len(shards):05d}.parquet"
-        tmp = final.with_suffix(".tmp")
-        pq.write_table(pa.Table.from_pylist(buf), tmp)
-        os.replace(tmp, final)  # a shard is either whole or absent
+        with atomic_file(final) as tmp:  # a shard is either whole or absent
+            pq.write_table(pa.Table.from_pylist(buf), tmp)
         shards.append(final)
         buf = []
 

@@ -35,8 +35,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -46,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DogeConfig, GenerationConfig
 
 from doge_cli.errors import DogeError
+from doge_cli.io import atomic_dir
 from doge_cli.model.modeling import DogeForCausalLM, is_legacy
 
 LEGACY_KEY_MAP: dict[str, str] = {
@@ -67,17 +66,16 @@ def save_pretrained(model: DogeForCausalLM, out_dir: str | os.PathLike, tokenize
     """Write ``out_dir`` as a transformers Doge folder (config.json, model.safetensors, generation_config).
 
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it natively, no ``trust_remote_code``.
-    The folder is written under a temporary name beside it and renamed into place, so a crash never
-    leaves half a folder; an existing ``out_dir`` is replaced. A ``tokenizer`` is saved into it too.
+    The folder is written through ``doge_cli.io.atomic_dir``: under a temporary name and renamed into
+    place, so a crash never leaves half a folder; an existing ``out_dir`` is replaced only when doge wrote
+    it (or it is empty). A ``tokenizer`` is saved into it too.
     """
     if is_legacy(model.config):
         raise DogeError("this model was loaded from an old small-doge checkpoint (no q/k norms, a per-query-head "
                         "mask), which transformers' Doge cannot express, so doge does not save it; doge can still "
                         "evaluate and chat with the original folder")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, kind="model") as tmp:
         config = DogeConfig.from_dict(model.config.to_dict())
         config.architectures = ["DogeForCausalLM"]
         config.save_pretrained(tmp)
@@ -88,16 +86,6 @@ def save_pretrained(model: DogeForCausalLM, out_dir: str | os.PathLike, tokenize
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from doge_cli.io import atomic_file, write_text_atomic
+
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, for MFU. Sources: vendor data sheets.
 GPU_PEAK_FLOPS = {
     "h200": 989e12,
@@ -99,9 +101,7 @@ class MetricsLogger:
             return
         kept = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -169,9 +169,8 @@ def plot_loss_curve(metrics_path: Path, out_png: Path) -> Path | None:
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    os.replace(tmp, out_png)
     return out_png

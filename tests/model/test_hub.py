@@ -23,7 +23,8 @@ def test_doge_save_loads_natively_in_transformers(tmp_path, tied):
     config = tiny_config(tie_word_embeddings=tied, keep_window_size=8)
     ours = ours_from(hf_twin(config), "sdpa")
     out = save_pretrained(ours, tmp_path / "model")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".doge-output", "config.json", "generation_config.json",
+                                                     "model.safetensors"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "doge"
     assert not list(tmp_path.glob(".model*"))  # no temporary folder left behind
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -34,12 +35,19 @@ def test_doge_save_loads_natively_in_transformers(tmp_path, tied):
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
 
 
-def test_save_replaces_an_existing_folder(tmp_path):
+def test_save_replaces_only_a_folder_doge_wrote(tmp_path):
+    from doge_cli.errors import DogeError
+
     ours = ours_from(hf_twin(tiny_config()), "eager")
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "stale.txt").write_text("old")
     save_pretrained(ours, tmp_path / "model")
+    (tmp_path / "model" / "stale.txt").write_text("old")
+    save_pretrained(ours, tmp_path / "model")  # an earlier doge save: replaced whole
     assert not (tmp_path / "model" / "stale.txt").exists()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("keep")
+    with pytest.raises(DogeError, match="did not write"):
+        save_pretrained(ours, tmp_path / "theirs")
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("tied", [True, False])

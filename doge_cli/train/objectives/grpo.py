@@ -28,7 +28,6 @@ continues with the very same rollouts.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ import torch
 
 from doge_cli.chat_format import config_eos_ids
 from doge_cli.errors import DogeError
+from doge_cli.io import atomic_file
 from doge_cli.train.collective import stop_together
 from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import pad_left, token_logprobs, unwrap
@@ -287,9 +287,8 @@ class GRPOObjective(Objective):
 
         path = self._rollout_path(step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save([{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in out], tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save([{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in out], tmp)
         # Keep what the oldest kept checkpoint may need to resume.
         kept = ckpt.list_checkpoints(Path(self.config.output_dir))
         mu = self.config.grpo.num_iterations
