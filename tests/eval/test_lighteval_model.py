@@ -16,6 +16,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from doge_cli.eval.lighteval_model import rolling_windows
+
 MAX_LEN = 48  # the model's context: a few hundred characters of text need several rolling windows
 ATOL = 1e-4  # on summed log-probabilities, fp32
 CONTEXT = "Question: What does the assert statement do in a program?\nAnswer:"
@@ -304,3 +306,14 @@ def test_greedy_until_stops_at_the_stop_sequence_and_stop_token(lm):
     assert lm.model.config.eos_token_id == lm.tok.eos_token_id  # the shared model is untouched
     response = wrap(lm, model).greedy_until([gen_doc(CONTEXT, 12)])[0]
     assert response.text == [lm.tok.decode(tokens[:k])]
+
+
+@pytest.mark.parametrize("n, max_length", [(1, 8), (2, 8), (8, 8), (9, 8), (30, 8), (31, 7), (100, 2)])
+def test_rolling_windows_score_every_token_once_with_history(n, max_length):
+    scored = []
+    for i, (start, end, first) in enumerate(rolling_windows(n, max_length)):
+        assert 0 <= start < first < end <= n and end - start <= max_length
+        if i:
+            assert first - start >= max_length // 2
+        scored += range(first, end)
+    assert scored == list(range(1, n))

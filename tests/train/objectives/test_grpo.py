@@ -10,11 +10,7 @@ import torch
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.grpo import group_advantages, grpo_loss
 from doge_cli.train.objectives.rewards import (
-    accuracy_reward,
-    answers_match,
     format_reward,
-    length_reward,
-    repetition_reward,
     resolve_reward,
 )
 
@@ -230,15 +226,6 @@ def test_rollout_mask_and_per_token_logps_equal_trl(grpo_data, chat_root, tmp_pa
     for name, a, b in zip(names, ours_grad, theirs_grad):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
     assert any(a.abs().max() > 1e-3 for a in ours_grad)
-
-
-def test_rewards():
-    sol = "<|begin_of_thought|> think <|end_of_thought|> <|begin_of_solution|> 1/2 <|end_of_solution|>"
-    assert accuracy_reward([sol, "the answer is \\boxed{0.5}", "0.25", "\\frac{1}{2}."], ["0.5"] * 4) == [1, 1, 0, 1]
-    assert answers_match("1,000", "1000") and answers_match("-3", "-3.0") and not answers_match("x", "y")
-    assert format_reward([sol, "<|begin_of_thought|> a", "nothing", "<|end_of_thought|>"]) == [1.0, 0.125, 0.0, 0.0]
-    assert length_reward(["a"] * 3, completion_lengths=[10, 14, 16], max_completion_length=16) == [0.0, -0.5, -1.0]
-    assert repetition_reward(["a b c a b c a b c", "one two three four"]) == [pytest.approx(-4 / 7), 0.0]
 
 
 def user_reward(completions, answers, prompts, **info):
