@@ -175,10 +175,10 @@ def read_pieces(path: Path) -> dict[str, Any]:
     saved_world = int(state.get("world_size", 1))
     ranks = []
     for r in range(saved_world):
-        if (path / rank_file(r)).is_file() or r > 0:
+        if r == 0 and not (path / rank_file(0)).is_file() and (path / "rng.pt").is_file():
+            ranks.append({"rng": _torch_file(path / "rng.pt", "RNG state")})  # written before per-process files
+        else:
             ranks.append(_torch_file(path / rank_file(r), "RNG state and logging window"))
-        else:  # written before per-process files: rank 0's RNG only, in rng.pt
-            ranks.append({"rng": _torch_file(path / "rng.pt", "RNG state")})
     out = {"state": state, "config_yaml": config_yaml, "ranks": ranks}
     if not state.get("accelerate_state") and not state.get("sharded"):
         try:

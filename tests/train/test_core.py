@@ -219,18 +219,6 @@ def test_samples_are_logged_every_sample_every_steps(pt_data, tmp_path):
     assert sampled == [2, 4] and all(isinstance(r["sample"], str) and r["sample"] for r in records if "sample" in r)
 
 
-def test_padding_targets_are_found_by_position_when_pad_is_eos():
-    from doge_cli.train.objectives.lm import next_token_labels, padding_targets
-
-    eos = pad = 2
-    ids = torch.tensor([[5, 6, eos, 7, 8, eos, pad, pad, pad]])
-    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 0, 1, 2]])
-    labels = next_token_labels(ids, pos, None)
-    labels[padding_targets(ids, pos, pad)] = -100
-    # Both end-of-document targets stay; nothing inside the padding is a target, nor is entering it.
-    assert labels.tolist() == [[6, eos, -100, 8, eos, -100, -100, -100, -100]]
-
-
 def test_start_models_are_trained_in_fp32_whatever_their_dtype(pt_data, tmp_path):
     from doge_cli.model import DogeForCausalLM, save_pretrained
     from doge_cli.train.objectives.pt import PretrainObjective
