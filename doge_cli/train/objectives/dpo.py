@@ -34,6 +34,7 @@ from doge_cli.train.objectives.loading import (
     frozen_copy,
     load_dataset_dict,
     load_start_model,
+    require_columns,
     require_init_from,
 )
 
@@ -84,15 +85,11 @@ class DPOObjective(Objective):
         data = load_dataset_dict(cfg.data.path, "dpo")
         self.train_data = data["train"]
         self.eval_data = data.get(cfg.data.eval_split)
-        for name, split in (("train", self.train_data), (cfg.data.eval_split, self.eval_data)):
-            if split is None:
-                continue
-            missing = [c for c in COLUMNS if c not in split.column_names]
-            if missing:
-                raise DogeError(f"the {name} split of {cfg.data.path} has no {' or '.join(missing)} column "
-                                f"(columns: {', '.join(split.column_names)}); DPO needs prompt, chosen and rejected "
-                                "ids: build it with 'doge data tokenize --stage dpo'")
-            _check_not_empty(split, name, cfg.data.path)
+        splits = {"train": self.train_data, cfg.data.eval_split: self.eval_data}
+        require_columns(splits, cfg.data.path, COLUMNS, "dpo", "DPO needs prompt, chosen and rejected ids")
+        for name, split in splits.items():
+            if split is not None:
+                _check_not_empty(split, name, cfg.data.path)
         self.tokenizer = chat_tokenizer(cfg)
         self.ref_model = None
         self.ref_logps: dict[str, torch.Tensor] = {}

@@ -44,6 +44,7 @@ from doge_cli.train.objectives.loading import (
     frozen_copy,
     load_dataset_dict,
     load_start_model,
+    require_columns,
     require_init_from,
 )
 from doge_cli.train.objectives.rewards import call_reward, resolve_reward
@@ -120,11 +121,8 @@ class GRPOObjective(Objective):
         require_init_from(cfg)  # the start model is named before anything is loaded
         data = load_dataset_dict(cfg.data.path, "grpo")
         self.train_data = data["train"]
-        for column in ("prompt", "answer"):
-            if column not in self.train_data.column_names:
-                raise DogeError(f"dataset {cfg.data.path} has no '{column}' column (columns: "
-                                f"{', '.join(self.train_data.column_names)}); GRPO needs chat prompts and reference "
-                                "answers: build it with 'doge data tokenize --stage grpo'")
+        require_columns({"train": self.train_data}, cfg.data.path, ("prompt", "answer"), "grpo",
+                        "GRPO needs chat prompts and reference answers")
         # The loss needs rollouts, not a fixed test set: held-out reward is measured by evaluation.
         self.eval_data = None
         self.tokenizer = chat_tokenizer(cfg)

@@ -37,6 +37,19 @@ def load_dataset_dict(path: str, stage: str):
     return data
 
 
+def require_columns(splits: dict, path: str, columns: tuple[str, ...], stage: str, need: str) -> None:
+    """Every split given (None: absent) has ``columns``; else one line naming the first split that lacks
+    some, what the stage needs (``need``) and the command that builds such data."""
+    for name, split in splits.items():
+        if split is None:
+            continue
+        missing = [c for c in columns if c not in split.column_names]
+        if missing:
+            raise DogeError(f"the {name} split of {path} has no {' or '.join(repr(c) for c in missing)} column "
+                            f"(columns: {', '.join(split.column_names)}); {need}: build it with "
+                            f"'doge data tokenize --stage {stage}'")
+
+
 def _stage_of(path: Path) -> str | None:
     """The stage ``doge data merge`` recorded for a dataset folder, if any."""
     from doge_cli.io import read_json_object

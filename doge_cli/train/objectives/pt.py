@@ -17,7 +17,12 @@ from doge_cli.chat_format import config_eos
 from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import causal_lm_loss_sum, next_token_labels, padding_targets
-from doge_cli.train.objectives.loading import load_dataset_dict, load_tokenizer, tokenizer_from_manifest
+from doge_cli.train.objectives.loading import (
+    load_dataset_dict,
+    load_tokenizer,
+    require_columns,
+    tokenizer_from_manifest,
+)
 
 
 class PretrainObjective(Objective):
@@ -28,10 +33,8 @@ class PretrainObjective(Objective):
         data = load_dataset_dict(cfg.data.path, "pt")
         self.train_data = data["train"]
         self.eval_data = data.get(cfg.data.eval_split)
-        for name in ("input_ids",):
-            if name not in self.train_data.column_names:
-                raise DogeError(f"dataset {cfg.data.path} has no '{name}' column (columns: "
-                                f"{', '.join(self.train_data.column_names)}); build it with 'doge data tokenize --stage pt'")
+        require_columns({"train": self.train_data}, cfg.data.path, ("input_ids",), "pt",
+                        "pretraining needs packed token blocks")
         recorded = tokenizer_from_manifest(cfg.data.path)
         init_dirs = [Path(cfg.init_from)] if cfg.init_from else []
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or recorded, init_dirs)

@@ -26,6 +26,7 @@ from doge_cli.train.objectives.loading import (
     chat_tokenizer,
     load_dataset_dict,
     load_start_model,
+    require_columns,
     require_init_from,
 )
 
@@ -71,13 +72,11 @@ class SFTObjective(Objective):
         self.train_data = data["train"]
         self.eval_data = data.get(cfg.data.eval_split)
         self.tokenizer = chat_tokenizer(cfg)
-        for name, split in (("train", self.train_data), (cfg.data.eval_split, self.eval_data)):
+        splits = {"train": self.train_data, cfg.data.eval_split: self.eval_data}
+        require_columns(splits, cfg.data.path, REQUIRED, "sft", "SFT needs token ids and assistant labels")
+        for name, split in splits.items():
             if split is None:
                 continue
-            missing = [c for c in REQUIRED if c not in split.column_names]
-            if missing:
-                raise DogeError(f"the {name} split of {cfg.data.path} has no '{missing[0]}' column (columns: "
-                                f"{', '.join(split.column_names)}); build it with 'doge data tokenize --stage sft'")
             empty = rows_without_targets(split) if cfg.assistant_only_loss else []
             if empty:
                 raise DogeError(f"row {empty[0]} of the {name} split of {cfg.data.path} has no assistant tokens "
