@@ -32,10 +32,8 @@ from doge_cli.train.objectives.lm import pad_right, token_logprobs
 from doge_cli.train.objectives.loading import (
     chat_tokenizer,
     frozen_copy,
-    load_dataset_dict,
+    load_splits,
     load_start_model,
-    require_columns,
-    require_init_from,
 )
 
 COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -81,13 +79,9 @@ class DPOObjective(Objective):
 
     def setup(self) -> None:
         cfg = self.config
-        require_init_from(cfg)  # the start model is named before anything is loaded
-        data = load_dataset_dict(cfg.data.path, "dpo")
-        self.train_data = data["train"]
-        self.eval_data = data.get(cfg.data.eval_split)
-        splits = {"train": self.train_data, cfg.data.eval_split: self.eval_data}
-        require_columns(splits, cfg.data.path, COLUMNS, "dpo", "DPO needs prompt, chosen and rejected ids")
-        for name, split in splits.items():
+        self.train_data, self.eval_data = load_splits(cfg, COLUMNS, "DPO needs prompt, chosen and rejected ids",
+                                                      start_model=True)
+        for name, split in {"train": self.train_data, cfg.data.eval_split: self.eval_data}.items():
             if split is not None:
                 _check_not_empty(split, name, cfg.data.path)
         self.tokenizer = chat_tokenizer(cfg)

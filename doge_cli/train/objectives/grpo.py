@@ -42,10 +42,8 @@ from doge_cli.train.objectives.lm import pad_left, token_logprobs, unwrap
 from doge_cli.train.objectives.loading import (
     chat_tokenizer,
     frozen_copy,
-    load_dataset_dict,
+    load_splits,
     load_start_model,
-    require_columns,
-    require_init_from,
 )
 from doge_cli.train.objectives.rewards import call_reward, resolve_reward
 
@@ -118,13 +116,10 @@ class GRPOObjective(Objective):
 
     def setup(self) -> None:
         cfg, sec = self.config, self.config.grpo
-        require_init_from(cfg)  # the start model is named before anything is loaded
-        data = load_dataset_dict(cfg.data.path, "grpo")
-        self.train_data = data["train"]
-        require_columns({"train": self.train_data}, cfg.data.path, ("prompt", "answer"), "grpo",
-                        "GRPO needs chat prompts and reference answers")
         # The loss needs rollouts, not a fixed test set: held-out reward is measured by evaluation.
-        self.eval_data = None
+        self.train_data, self.eval_data = load_splits(cfg, ("prompt", "answer"),
+                                                      "GRPO needs chat prompts and reference answers",
+                                                      start_model=True, with_eval=False)
         self.tokenizer = chat_tokenizer(cfg)
         self.reward_fns = [(spec.name, resolve_reward(spec.name), spec.weight) for spec in sec.rewards]
         if not self.reward_fns:

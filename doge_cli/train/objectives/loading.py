@@ -50,6 +50,19 @@ def require_columns(splits: dict, path: str, columns: tuple[str, ...], stage: st
                             f"'doge data tokenize --stage {stage}'")
 
 
+def load_splits(config, columns: tuple[str, ...], need: str, *, start_model: bool, with_eval: bool = True):
+    """``(train, eval or None)`` of the stage's merged dataset, with ``columns`` checked in both. For a stage
+    that starts from a model (``start_model``) the model must be named first, before anything is loaded."""
+    if start_model:
+        require_init_from(config)
+    data = load_dataset_dict(config.data.path, config.stage)
+    train = data["train"]
+    evaluation = data.get(config.data.eval_split) if with_eval else None
+    require_columns({"train": train, config.data.eval_split: evaluation}, config.data.path, columns, config.stage,
+                    need)
+    return train, evaluation
+
+
 def _stage_of(path: Path) -> str | None:
     """The stage ``doge data merge`` recorded for a dataset folder, if any."""
     from doge_cli.io import read_json_object

@@ -18,9 +18,8 @@ from doge_cli.errors import DogeError
 from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import causal_lm_loss_sum, next_token_labels, padding_targets
 from doge_cli.train.objectives.loading import (
-    load_dataset_dict,
+    load_splits,
     load_tokenizer,
-    require_columns,
     tokenizer_from_manifest,
 )
 
@@ -30,11 +29,8 @@ class PretrainObjective(Objective):
 
     def setup(self) -> None:
         cfg = self.config
-        data = load_dataset_dict(cfg.data.path, "pt")
-        self.train_data = data["train"]
-        self.eval_data = data.get(cfg.data.eval_split)
-        require_columns({"train": self.train_data}, cfg.data.path, ("input_ids",), "pt",
-                        "pretraining needs packed token blocks")
+        self.train_data, self.eval_data = load_splits(cfg, ("input_ids",), "pretraining needs packed token blocks",
+                                                      start_model=False)
         recorded = tokenizer_from_manifest(cfg.data.path)
         init_dirs = [Path(cfg.init_from)] if cfg.init_from else []
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or recorded, init_dirs)

@@ -24,10 +24,8 @@ from doge_cli.train.objectives.base import LossOutput, Objective
 from doge_cli.train.objectives.lm import causal_lm_loss_sum
 from doge_cli.train.objectives.loading import (
     chat_tokenizer,
-    load_dataset_dict,
+    load_splits,
     load_start_model,
-    require_columns,
-    require_init_from,
 )
 
 REQUIRED = ("input_ids", "labels")
@@ -67,14 +65,10 @@ class SFTObjective(Objective):
 
     def setup(self) -> None:
         cfg = self.config
-        require_init_from(cfg)  # the start model is named before anything is loaded
-        data = load_dataset_dict(cfg.data.path, "sft")
-        self.train_data = data["train"]
-        self.eval_data = data.get(cfg.data.eval_split)
+        self.train_data, self.eval_data = load_splits(cfg, REQUIRED, "SFT needs token ids and assistant labels",
+                                                      start_model=True)
         self.tokenizer = chat_tokenizer(cfg)
-        splits = {"train": self.train_data, cfg.data.eval_split: self.eval_data}
-        require_columns(splits, cfg.data.path, REQUIRED, "sft", "SFT needs token ids and assistant labels")
-        for name, split in splits.items():
+        for name, split in {"train": self.train_data, cfg.data.eval_split: self.eval_data}.items():
             if split is None:
                 continue
             empty = rows_without_targets(split) if cfg.assistant_only_loss else []
