@@ -95,7 +95,7 @@ def time_generation(model, backend: str, prompt_len: int = 32, new: int = 32) ->
                 with torch.no_grad():
                     model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
             else:
-                from doge_cli.model import generate
+                from doge_cli.inference import generate
 
                 generate(model, ids, max_new_tokens=new, stop_token_ids=[])
             times.append(time.perf_counter() - t0)

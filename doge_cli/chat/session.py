@@ -1,79 +1,19 @@
 """A multi-turn chat with a Doge model: history, sampling settings, streaming replies.
 
 Each turn renders the whole conversation through the tokenizer's chat template and generates with
-the KV-cache loop of :func:`doge_cli.model.generate`. Replies of R1 models keep their
+the inference engine (:mod:`doge_cli.inference`), streaming the reply's text as it grows. Replies of R1 models keep their
 ``<|begin_of_thought|>…<|end_of_thought|><|begin_of_solution|>…<|end_of_solution|>`` markers in the
 history (the format the model was trained on); :class:`ReasoningStream` splits them for display.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from doge_cli.chat_format import BEGIN_THOUGHT, THINKING_TOKENS, stop_ids
-from doge_cli.errors import DogeError
-
-
-@dataclass
-class SamplingParams:
-    """Generation settings; the defaults are the seed's (SmallDoge's chat examples)."""
-
-    max_new_tokens: int = 100
-    temperature: float = 0.8
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    greedy: bool = False
-    seed: int | None = None
-
-    def validate(self) -> None:
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise DogeError(f"{name} must be a finite number")
-        if self.max_new_tokens < 1:
-            raise DogeError("max_new_tokens must be at least 1")
-        if self.temperature <= 0:
-            raise DogeError("temperature must be > 0 (use greedy=true for deterministic replies)")
-        if not 0 < self.top_p <= 1:
-            raise DogeError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise DogeError("top_k must be >= 0 (0 turns it off)")
-        if self.repetition_penalty <= 0:
-            raise DogeError("repetition_penalty must be > 0 (1.0 turns it off)")
-
-    def set(self, key: str, value: str) -> None:
-        """Set one field from text, e.g. ``set("temperature", "0.5")``; DogeError on a bad key or value."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        if key not in fields:
-            raise DogeError(f"unknown parameter {key!r}; choose from: {', '.join(fields)}")
-        old = getattr(self, key)
-        try:
-            if key == "greedy":
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-                    raise ValueError(value)
-                parsed: object = value.lower() in ("true", "1", "yes", "on")
-            elif key == "seed":
-                parsed = None if value.lower() in ("none", "") else int(value)
-            elif key in ("max_new_tokens", "top_k"):
-                parsed = int(value)
-            else:
-                parsed = float(value)
-        except ValueError as err:
-            raise DogeError(f"bad value {value!r} for {key}") from err
-        setattr(self, key, parsed)
-        try:
-            self.validate()
-        except DogeError:
-            setattr(self, key, old)
-            raise
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+from doge_cli.inference.sampling import SamplingParams
 
 
 class ReasoningStream:
@@ -150,41 +90,13 @@ class ChatSession:
     def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Generate the reply to ``user_text``; ``on_text`` receives the decoded text as it grows.
         Returns the raw reply (thought markers kept). The turn is recorded only when generation finishes."""
-        import torch
-
-        from doge_cli.model import generate
+        from doge_cli.inference import Engine, Request
 
         turns = [*self.messages, {"role": "user", "content": user_text}]
-        ids = torch.tensor([self.prompt_ids(turns)], dtype=torch.long)
-        new: list[int] = []
-        shown = 0
-        stops = set(self.stop_ids)
-
-        def on_token(step: int, tokens) -> None:
-            nonlocal shown
-            token = int(tokens[0])
-            if token in stops:
-                return
-            new.append(token)
-            text = self.tokenizer.decode(new, skip_special_tokens=False)
-            # A multi-byte character split over tokens decodes to U+FFFD until its last byte arrives.
-            if on_text is not None and not text.endswith("\ufffd") and len(text) > shown:
-                on_text(text[shown:])
-                shown = len(text)
-
-        p = self.params
-        generator = None
-        if p.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(p.seed)
-        generate(self.model, ids, max_new_tokens=p.max_new_tokens, do_sample=not p.greedy,
-                 temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty,
-                 stop_token_ids=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id, on_token=on_token,
-                 generator=generator)
-        text = self.tokenizer.decode(new, skip_special_tokens=False)
-        if on_text is not None and len(text) > shown:
-            on_text(text[shown:])
-        self.messages = [*turns, {"role": "assistant", "content": text}]
-        return text
+        request = Request(self.prompt_ids(turns), self.params, stop_token_ids=self.stop_ids, on_text=on_text)
+        Engine(self.model, self.tokenizer, max_batch=1).generate([request])
+        self.messages = [*turns, {"role": "assistant", "content": request.text}]
+        return request.text
 
     def to_dict(self) -> dict:
         return {"model": self.model_name, "system": self.system, "params": self.params.as_dict(),

@@ -33,8 +33,9 @@ def chat(
     from rich.console import Console
 
     from doge_cli.chat.loading import load_model_and_tokenizer
-    from doge_cli.chat.session import ChatSession, SamplingParams
+    from doge_cli.chat.session import ChatSession
     from doge_cli.chat.terminal import answer_once, run_interactive
+    from doge_cli.inference import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, greedy=greedy, seed=seed)

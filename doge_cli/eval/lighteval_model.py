@@ -151,7 +151,7 @@ class DogeLightevalModel(LightevalModel):
     @torch.no_grad()
     def greedy_until(self, docs: list[Doc]) -> list[ModelResponse]:
         from doge_cli.chat_format import BEGIN_SOLUTION, BEGIN_THOUGHT, split_reasoning
-        from doge_cli.model import generate
+        from doge_cli.inference import generate
 
         markers = (BEGIN_THOUGHT, BEGIN_SOLUTION)
 

@@ -107,29 +107,110 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Per-layer keys and values of the tokens seen so far, plus their document ids."""
+    """Preallocated keys, values and dynamic-mask biases of every layer for ``rows`` sequences.
 
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.doc_ids: torch.Tensor | None = None
+    Row ``r`` holds ``lengths[r]`` cached positions; ``valid[r, j]`` says position ``j`` is a real token
+    (False for padding, which attention skips). A forward writes its new keys after each row's own
+    length: at one shared offset when every row of the window has the same length (prefill, lockstep
+    decoding), else one token per row at its own offset (rows that joined at different times). Nothing
+    is allocated per token: the buffers double only when a row outgrows them. A key's bias depends on
+    its value alone, so it is computed once, when the key is written. A cached forward holds one
+    document per row (no packed documents). ``window(start, stop)`` picks the rows the next forwards use
+    (the inference engine's slots); all rows by default.
+    """
+
+    def __init__(self, config: DogeConfig, rows: int, capacity: int, *, dtype: torch.dtype, device):
+        d, hkv = head_dim(config), config.num_key_value_heads
+        bias_heads = config.num_attention_heads if is_legacy(config) else hkv
+        layers = config.num_hidden_layers
+        self.keys = [torch.zeros(rows, hkv, capacity, d, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.biases = [torch.zeros(rows, bias_heads, capacity, dtype=dtype, device=device) for _ in range(layers)]
+        self.valid = torch.zeros(rows, capacity, dtype=torch.bool, device=device)
+        self.lengths = [0] * rows  # a host copy: where to write needs no device sync
+        self.rows = slice(0, rows)
+        self.holes = False  # some key of some row is padding, or rows differ in length
+        self._write: tuple = ()
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def window(self, start: int, stop: int) -> None:
+        self.rows = slice(start, stop)
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        return max(self.lengths[self.rows], default=0)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if self.keys[layer] is not None:
-            k = torch.cat((self.keys[layer], k), dim=2)
-            v = torch.cat((self.values[layer], v), dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+    def begin(self, t: int, new_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Reserve ``t`` positions in every row of the window (``new_mask`` (rows, t): 0 for padding);
+        return this forward's key mask, or None when every key so far is a real token."""
+        starts = self.lengths[self.rows]
+        uniform = len(set(starts)) == 1
+        if not uniform and t != 1:
+            raise ValueError("rows of different lengths take one new token each")
+        end = max(starts) + t
+        if end > self.capacity:
+            self._grow(end)
+        valid = self.valid[self.rows]
+        if uniform:
+            valid[:, starts[0]:end] = True if new_mask is None else new_mask.bool()
+            self._write = (starts[0], end)
+        else:
+            index = torch.arange(len(starts), device=valid.device)
+            at = torch.tensor(starts, device=valid.device)
+            valid[index, at] = True if new_mask is None else new_mask[:, -1].bool()
+            self._write = (index, at, end)
+        self.lengths[self.rows] = [x + t for x in starts]
+        self.holes = self.holes or not uniform or new_mask is not None
+        return valid[:, :end] if self.holes else None
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the rows ``index`` (e.g. drop finished sequences)."""
-        self.keys = [None if k is None else k[index] for k in self.keys]
-        self.values = [None if v is None else v[index] for v in self.values]
-        if self.doc_ids is not None:
-            self.doc_ids = self.doc_ids[index]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor):
+        """Write this forward's keys, values (B, H, t, D) and biases (B, H, t) of ``layer``; return
+        everything the window's rows hold so far."""
+        keys, values, biases = self.keys[layer][self.rows], self.values[layer][self.rows], self.biases[layer][self.rows]
+        if len(self._write) == 2:
+            start, end = self._write
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            biases[:, :, start:end] = bias
+        else:
+            index, at, end = self._write
+            keys[index, :, at] = k[:, :, 0]
+            values[index, :, at] = v[:, :, 0]
+            biases[index, :, at] = bias[:, :, 0]
+        return keys[:, :, :end], values[:, :, :end], biases[:, :, :end]
+
+    def _grow(self, need: int) -> None:
+        capacity = max(need, 2 * self.capacity)
+        self.keys = [_widen(x, 2, capacity) for x in self.keys]
+        self.values = [_widen(x, 2, capacity) for x in self.values]
+        self.biases = [_widen(x, 2, capacity) for x in self.biases]
+        self.valid = _widen(self.valid, 1, capacity)
+
+    def reset_row(self, row: int) -> None:
+        """Empty one row (an engine slot that takes a new request)."""
+        self.lengths[row] = 0
+        self.valid[row] = False
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Make row ``dst`` hold what row ``src`` holds (a prompt prefilled once for several requests;
+        moving a request to another slot)."""
+        n = self.lengths[src]
+        for buf in (*self.keys, *self.values):
+            buf[dst, :, :n] = buf[src, :, :n]
+        for buf in self.biases:
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.valid[dst] = self.valid[src]
+        self.lengths[dst] = n
+
+
+def _widen(buf: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    shape = list(buf.shape)
+    shape[dim] = size
+    out = buf.new_zeros(shape)
+    out.narrow(dim, 0, buf.shape[dim]).copy_(buf)
+    return out
 
 
 @dataclass
@@ -172,11 +253,11 @@ class DynamicMaskAttention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
         # The bias of every key is a function of its value vector (all kv heads feed dt_proj).
-        dt = self.dt_proj(v.transpose(1, 2).reshape(b, v.shape[2], -1))
-        bias = torch.exp(self.A * F.softplus(dt)).transpose(1, 2)  # (B, Hkv, Tk); legacy: (B, Hq, Tk)
+        dt = self.dt_proj(v.transpose(1, 2).reshape(b, t, -1))
+        bias = torch.exp(self.A * F.softplus(dt)).transpose(1, 2)  # (B, Hkv, T); legacy: (B, Hq, T)
+        if cache is not None:  # the cache returns every key so far, with the biases it computed for them
+            k, v, bias = cache.update(self.layer_idx, k, v, bias)
         if self.legacy and self.num_heads != self.num_kv_heads:
             # A bias per query head: give every query head its own copy of its kv head, so the backend
             # contract (one bias row per kv head) holds with Hkv = Hq. The cache keeps the unexpanded k/v.
@@ -401,31 +482,33 @@ class DogeForCausalLM(nn.Module):
 
         ``attention_mask`` (B, past + T) marks real tokens with 1 (left or right padding).
         ``position_ids`` (B, T) restart at 0 at each packed document; when None they count from the
-        cache length and each row is one document.
+        cache length and each row is one document. With a cache (``past_key_values``, or a new one for
+        ``use_cache``) every row is one document and the cache keeps which of its keys are real tokens.
         """
         b, t = input_ids.shape
         if self.attn_requested == "auto" and input_ids.device.type != "cpu":
             best = attn_backends.resolve_backend("auto", input_ids.device)
             if best != self.attn_implementation:
                 self.set_attn_implementation("auto")
-        cache = past_key_values if past_key_values is not None else (
-            KVCache(self.config.num_hidden_layers) if use_cache else None)
-        past = cache.get_seq_length() if cache is not None else 0
-        doc_ids = None
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
-            if cache is not None and cache.doc_ids is not None:
-                doc_ids = torch.cat((cache.doc_ids, cache.doc_ids[:, -1:].expand(b, t)), dim=1)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache(self.config, b, t, dtype=self.model.embed_tokens.weight.dtype, device=input_ids.device)
+        doc_ids = key_padding_mask = None
+        if cache is not None:  # one document per row; the cache knows which keys are real tokens
+            past = cache.get_seq_length()
+            new_mask = attention_mask[:, -t:] if attention_mask is not None else None
+            key_padding_mask = cache.begin(t, new_mask)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + t, device=input_ids.device)[None].expand(b, t)
         else:
-            position_ids = position_ids.expand(b, t)
-            doc_ids = torch.cumsum(position_ids == 0, dim=1)
-            if cache is not None and cache.doc_ids is not None:
-                doc_ids = torch.cat((cache.doc_ids, doc_ids + cache.doc_ids[:, -1:]), dim=1)
-        if cache is not None:
-            cache.doc_ids = doc_ids
-        key_padding_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_padding_mask = attention_mask.bool()
+            past = 0
+            if position_ids is None:
+                position_ids = torch.arange(t, device=input_ids.device)[None].expand(b, t)
+            else:
+                doc_ids = torch.cumsum(position_ids == 0, dim=1)
+            if attention_mask is not None and not bool(attention_mask.all()):
+                key_padding_mask = attention_mask.bool()
+        position_ids = position_ids.expand(b, t)
         batch = AttentionBatch(doc_ids, key_padding_mask)
         if self.attn_implementation == "flex":
             batch.block_mask = attn_backends.build_block_mask(b, t, past + t, doc_ids, key_padding_mask,

@@ -531,7 +531,7 @@ class Loop:
     @torch.no_grad()
     def sample(self) -> str:
         """A greedy continuation of ``logging.sample_prompt`` (as a user turn for chat stages)."""
-        from doge_cli.model import generate
+        from doge_cli.inference import generate
 
         acc, tok = self.acc, self.obj.tokenizer
         prompt = self.config.logging.sample_prompt

@@ -4,9 +4,10 @@ import shutil
 import pytest
 
 from doge_cli.chat.loading import load_model_and_tokenizer
-from doge_cli.chat.session import ChatSession, ReasoningStream, SamplingParams
+from doge_cli.chat.session import ChatSession, ReasoningStream
 from doge_cli.chat_format import split_reasoning
 from doge_cli.errors import DogeError
+from doge_cli.inference import SamplingParams
 
 from .conftest import ANSWER, THOUGHT
 

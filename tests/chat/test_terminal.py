@@ -4,8 +4,9 @@ import pytest
 from rich.console import Console
 
 from doge_cli.chat.loading import load_model_and_tokenizer
-from doge_cli.chat.session import ChatSession, SamplingParams
+from doge_cli.chat.session import ChatSession
 from doge_cli.chat.terminal import answer_once, run_interactive
+from doge_cli.inference import SamplingParams
 
 from .conftest import ANSWER, THOUGHT
 

@@ -17,7 +17,8 @@ from transformers import DogeConfig
 from transformers import DogeForCausalLM as HFDoge
 
 from doge_cli.errors import DogeError
-from doge_cli.model import DogeForCausalLM, count_parameters, generate, load_model, save_pretrained
+from doge_cli.inference import generate
+from doge_cli.model import DogeForCausalLM, count_parameters, load_model, save_pretrained
 from doge_cli.model.hub import LEGACY_KEY_MAP, legacy_layout
 
 from .doge_twin import BACKENDS, rel_err, skip_unavailable

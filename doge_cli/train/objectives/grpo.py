@@ -203,7 +203,7 @@ class GRPOObjective(Objective):
 
     @torch.no_grad()
     def _rollout(self, policy, batch: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
-        from doge_cli.model import generate
+        from doge_cli.inference import generate
 
         sec, tok = self.config.grpo, self.tokenizer
         dev = self.acc.device

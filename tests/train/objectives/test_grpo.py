@@ -272,7 +272,8 @@ def test_every_prompt_of_an_epoch_is_used_with_several_iterations():
 
 
 def mean_format_reward(model_dir, obj, n=24):
-    from doge_cli.model import generate, load_model
+    from doge_cli.inference import generate
+    from doge_cli.model import load_model
 
     model = load_model(model_dir, attn_implementation="sdpa")
     data = obj.train_data  # the caller passes the held-out prompts as this objective's data

@@ -1,13 +1,11 @@
-"""KV-cache generation: greedy equals transformers' generate; padding, sampling, stops, streaming."""
+"""generate() through the engine: greedy equals transformers' generate; padding, sampling, stops."""
 
 from __future__ import annotations
 
 import torch
 
-from doge_cli.model import generate
-from doge_cli.model.generation import filter_top_k_top_p
-
-from .doge_twin import hf_twin, ours_from, tiny_config
+from doge_cli.inference import generate
+from tests.model.doge_twin import hf_twin, ours_from, tiny_config
 
 
 def _pair(**overrides):
@@ -67,13 +65,6 @@ def test_stop_tokens_pad_the_rest_and_report_lengths():
     assert (out.new_tokens[0, first + 1 :] == 0).all()
 
 
-def test_streaming_callback_sees_every_step():
-    _, ours = _pair()
-    seen = []
-    out = generate(ours, torch.tensor([[5, 6, 7]]), max_new_tokens=6, on_token=lambda i, t: seen.append(int(t[0])))
-    assert seen == out.new_tokens[0].tolist()
-
-
 def test_sampling_is_seeded_and_grouped_for_grpo():
     _, ours = _pair()
     prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
@@ -85,33 +76,3 @@ def test_sampling_is_seeded_and_grouped_for_grpo():
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.sequences[:4, :3], prompt[:1].expand(4, 3))
     assert len({tuple(r) for r in a.new_tokens[:4].tolist()}) > 1  # samples of one prompt differ
-
-
-def test_top_k_top_p_filter_matches_transformers_warpers():
-    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
-
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(1)) * 3
-    ours = filter_top_k_top_p(logits, top_k=20, top_p=0.8)
-    ref = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, logits.clone()))
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-
-
-def test_stop_together_keeps_a_finished_process_stepping():
-    """Under ZeRO-3 each forward is collective: a process whose rows are all done must keep stepping
-    until every process is done (stop_together says so), emitting padding."""
-    _, ours = _pair()
-    prompt = torch.tensor([[5, 6, 7]])
-    free = generate(ours, prompt, max_new_tokens=8)
-    stop = int(free.new_tokens[0, 1])
-    first = int((free.new_tokens[0] == stop).nonzero()[0])
-    calls = []
-
-    def others_still_busy(done: bool) -> bool:
-        calls.append(done)
-        return len(calls) >= 6  # the other processes finish at step 6
-
-    out = generate(ours, prompt, max_new_tokens=8, stop_token_ids=[stop], pad_token_id=0,
-                   stop_together=others_still_busy)
-    assert out.lengths.tolist() == [first + 1]  # this process's row ended at the stop token
-    assert out.new_tokens.shape[1] == 6 and (out.new_tokens[0, first + 1:] == 0).all()
-    assert calls == [False] * first + [True] * (6 - first)

@@ -1,0 +1,268 @@
+"""The one generation engine: chat, eval, GRPO rollouts and the server all generate through it.
+
+- **Slots over one preallocated cache.** ``max_batch`` requests run at once, request ``i`` of the batch in
+  row ``i`` of a :class:`~doge_cli.model.modeling.KVCache` (keys, values and biases preallocated; nothing
+  is allocated or concatenated per token). The active rows are always the first ones: a finished
+  request's row is refilled by moving the last active request into it, so decoding never spends work
+  on finished rows.
+- **Prefill** of newly admitted requests is one forward over their prompts, right-padded; requests with
+  the same prompt (GRPO's group) are prefilled once and the row is copied. Only each prompt's last
+  position goes through the LM head.
+- **Decoding** is one forward of one token per active request. Requests admitted at different times
+  have different lengths: each writes at its own row offset and sees only its own keys.
+- **Continuous batching**: :meth:`Engine.submit` queues a request and :meth:`Engine.step` admits queued
+  requests into free rows between decoding steps; :meth:`Engine.generate` runs a list to the end.
+- **Per-request sampling** (:mod:`.sampling`): each request has its own settings and random stream, so
+  its tokens do not depend on its neighbours; log-probabilities of the chosen tokens on request.
+- **Streaming** (:mod:`.streaming`): ``on_text`` receives UTF-8-safe deltas that join to the final text.
+- **Stopping**: a request stops at one of its stop ids (kept as its last token), at a stop string (the
+  text is cut before it), or after ``max_new_tokens``. Where every forward is collective (DeepSpeed
+  ZeRO-3, FSDP), ``stop_together`` keeps a process whose requests are done running forwards until every
+  process is done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from doge_cli.chat_format import config_eos_ids
+from doge_cli.inference.sampling import RowSampler, SamplingParams
+from doge_cli.inference.streaming import TextStream
+
+MIN_CAPACITY = 64  # cache positions allocated at least; the cache doubles when a row outgrows it
+
+
+@dataclass
+class Request:
+    """One generation: the prompt, how to generate, and (filled in) what was generated."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: list[int] | None = None
+    """Ids that end the reply (default: the engine's, i.e. the model's EOS ids)."""
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the reply; the text stops before them (needs the engine's tokenizer)."""
+    logprobs: bool = False
+    """Record the log-probability of every chosen token (``token_logprobs``)."""
+    on_text: Callable[[str], None] | None = None
+    """Receives the reply's text as it grows, in UTF-8-safe deltas (needs the engine's tokenizer)."""
+    generator: torch.Generator | None = None
+    """The random stream of this request (default: one seeded from ``params.seed``)."""
+    token_ids: list[int] = field(default_factory=list)
+    """Generated ids, the stop id included when one ended the reply."""
+    token_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    """``"stop"`` (a stop id or string) or ``"length"`` (``max_new_tokens``)."""
+    text: str | None = None
+    """The reply's text (stop id excluded, cut before a stop string), when the engine has a tokenizer."""
+
+
+class _Running:
+    """A request in a cache row: its sampler, stream and next position."""
+
+    def __init__(self, request: Request, sampler: RowSampler, stops: set[int], stream: TextStream | None):
+        self.request, self.sampler, self.stops, self.stream = request, sampler, stops, stream
+        self.shown = ""  # text handed to on_text so far
+
+    @property
+    def position(self) -> int:
+        """RoPE position of the token fed next (the latest chosen one)."""
+        return len(self.request.prompt_ids) + len(self.request.token_ids) - 1
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 8, stop_token_ids: list[int] | None = None,
+                 stop_together: Callable[[bool], bool] | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch
+        self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else config_eos_ids(model.config)
+        self.stop_together = stop_together
+        self.cache = None
+        self.running: list[_Running] = []  # row i of the cache holds running[i]
+        self.queue: deque[Request] = deque()
+
+    # -- public ------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        request.params.validate()
+        if not request.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if (request.on_text is not None or request.stop) and self.tokenizer is None:
+            raise ValueError("streaming text and stop strings need an engine with a tokenizer")
+        self.queue.append(request)
+
+    def idle(self) -> bool:
+        return not self.running and not self.queue
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Admit queued requests into free rows, then decode one token for every running request; returns
+        the requests that finished."""
+        finished = self._admit()
+        if self.running:
+            finished += self._decode()
+        return finished
+
+    @torch.no_grad()
+    def generate(self, requests: list[Request]) -> list[Request]:
+        """Run ``requests`` to the end (more than ``max_batch`` are admitted as rows free up)."""
+        if self.stop_together is not None and len(requests) > self.max_batch:
+            raise ValueError("with stop_together every request must fit in one batch (max_batch)")
+        for request in requests:
+            self.submit(request)
+        self._admit()
+        while True:
+            done = self.idle()
+            if self.stop_together is not None:
+                done = self.stop_together(done)
+            if done:
+                return requests
+            self._admit()
+            if self.running:
+                self._decode()
+            else:  # every forward is collective: keep pace with the processes still generating
+                self._idle_forward()
+
+    # -- prefill -----------------------------------------------------------------------------
+    def _admit(self) -> list[Request]:
+        free = self.max_batch - len(self.running)
+        if not self.queue or free <= 0:
+            return []
+        batch = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+        unique: dict[tuple[int, ...], list[Request]] = {}
+        for request in batch:
+            unique.setdefault(tuple(request.prompt_ids), []).append(request)
+        prompts = list(unique)
+        longest = max(len(p) for p in prompts)
+        self._ensure_cache(longest + max(r.params.max_new_tokens for r in batch))
+        first = len(self.running)
+        for row in range(first, first + len(prompts)):
+            self.cache.reset_row(row)
+        device = self.model.device
+        ids = torch.full((len(prompts), longest), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, :len(prompt)] = torch.tensor(prompt)
+            mask[i, :len(prompt)] = 1
+        self.cache.window(first, first + len(prompts))
+        out = self.model(ids.to(device), attention_mask=mask.to(device), past_key_values=self.cache,
+                         position_ids=torch.arange(longest, device=device)[None].expand(len(prompts), longest),
+                         return_hidden_states=True)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=device)
+        logits = self._logits(out.hidden_states[torch.arange(len(prompts), device=device), last])
+        # Rows first .. first + len(prompts) hold the prompts; each further request with the same prompt
+        # gets a copy of its prompt's row after them.
+        for i, prompt in enumerate(prompts):
+            self._start(unique[prompt][0], logits[i])
+        for i, prompt in enumerate(prompts):
+            for request in unique[prompt][1:]:
+                self.cache.copy_row(first + i, len(self.running))
+                self._start(request, logits[i])
+        return self._retire()
+
+    def _start(self, request: Request, logits: torch.Tensor) -> None:
+        """Put ``request`` in the next cache row and choose its first token from its prompt's logits."""
+        sampler = RowSampler(request.params, self.model.config.vocab_size, request.prompt_ids, logits.device,
+                             generator=request.generator)
+        stops = set(request.stop_token_ids if request.stop_token_ids is not None else self.stop_token_ids)
+        stream = TextStream(self.tokenizer) if self.tokenizer is not None else None
+        running = _Running(request, sampler, stops, stream)
+        self.running.append(running)
+        self._take(running, *sampler.choose(logits, request.logprobs))
+
+    # -- decoding ----------------------------------------------------------------------------
+    def _decode(self) -> list[Request]:
+        n = len(self.running)
+        device = self.model.device
+        tokens = torch.tensor([[r.request.token_ids[-1]] for r in self.running], device=device)
+        positions = torch.tensor([[r.position] for r in self.running], device=device)
+        self.cache.window(0, n)
+        out = self.model(tokens, position_ids=positions, past_key_values=self.cache, return_hidden_states=True)
+        logits = self._logits(out.hidden_states[:, -1])
+        plain = all(r.request.params.greedy and r.sampler.seen is None and not r.request.logprobs
+                    for r in self.running)
+        if plain:  # the common greedy batch: one argmax for every row
+            for running, token in zip(self.running, logits.argmax(dim=-1).tolist()):
+                self._take(running, token, None)
+        else:
+            for i, running in enumerate(self.running):
+                self._take(running, *running.sampler.choose(logits[i], running.request.logprobs))
+        return self._retire()
+
+    def _idle_forward(self) -> None:
+        """A forward whose result is dropped, for a process with nothing left to generate (stop_together)."""
+        self._ensure_cache(MIN_CAPACITY)
+        self.cache.reset_row(0)
+        self.cache.window(0, 1)
+        token = torch.tensor([[self._pad_id()]], device=self.model.device)
+        self.model(token, position_ids=torch.zeros_like(token), past_key_values=self.cache, return_hidden_states=True)
+        self.cache.reset_row(0)
+
+    def _take(self, running: _Running, token: int, logprob: float | None) -> None:
+        request = running.request
+        request.token_ids.append(token)
+        if logprob is not None:
+            request.token_logprobs.append(logprob)
+        if token in running.stops:
+            request.finish_reason = "stop"
+        elif running.stream is not None:
+            running.stream.push(token)
+            self._emit(running, final=False)
+        if request.finish_reason is None and len(request.token_ids) >= request.params.max_new_tokens:
+            request.finish_reason = "length"
+
+    def _emit(self, running: _Running, final: bool) -> None:
+        """Hand on_text the new text, cut before a stop string; near the end hold back what could be the
+        start of one."""
+        request = running.request
+        text = running.stream.emitted if not final else running.stream.emitted + running.stream.finish()
+        for stop in request.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text = text[:at]
+                request.finish_reason = "stop"
+        if request.finish_reason is None and request.stop:
+            text = text[:max(len(running.shown), len(text) - max(len(s) for s in request.stop) + 1)]
+        if len(text) > len(running.shown):
+            if request.on_text is not None:
+                request.on_text(text[len(running.shown):])
+            running.shown = text
+
+    def _retire(self) -> list[Request]:
+        """Finish the requests that stopped; keep the running ones in the first rows."""
+        finished = []
+        row = 0
+        while row < len(self.running):
+            running = self.running[row]
+            if running.request.finish_reason is None:
+                row += 1
+                continue
+            if running.stream is not None:
+                self._emit(running, final=True)
+                running.request.text = running.shown
+            finished.append(running.request)
+            last = len(self.running) - 1
+            if row != last:  # the last running request moves into the freed row
+                self.cache.copy_row(last, row)
+                self.running[row] = self.running[last]
+            self.running.pop()
+        return finished
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def _pad_id(self) -> int:
+        pad = self.model.config.pad_token_id
+        return pad if pad is not None else 0
+
+    def _ensure_cache(self, positions: int) -> None:
+        from doge_cli.model.modeling import KVCache
+
+        if self.cache is None:
+            capacity = max(MIN_CAPACITY, positions)
+            self.cache = KVCache(self.model.config, self.max_batch, capacity, dtype=self.model.dtype,
+                                 device=self.model.device)

@@ -1,0 +1,130 @@
+"""The engine: parity with transformers through every backend, continuous batching, shared prefill,
+stops, log-probabilities, seeded sampling independent of neighbours, and collective pacing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from doge_cli.inference import Engine, Request, SamplingParams, generate
+from tests.model.doge_twin import BACKENDS, hf_twin, ours_from, skip_unavailable, tiny_config
+
+GREEDY = SamplingParams(greedy=True, max_new_tokens=16)
+
+
+def _pair(backend="sdpa", **overrides):
+    hf = hf_twin(tiny_config(**{"eos_token_id": None, "keep_window_size": 12, **overrides}))
+    return hf, ours_from(hf, backend)
+
+
+def _prompts():
+    gen = torch.Generator().manual_seed(8)
+    return [torch.randperm(120, generator=gen)[:n].add(3).tolist() for n in (9, 5, 2, 7)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_equals_transformers_for_every_backend_at_batch_1_and_4(backend):
+    skip_unavailable(backend)
+    hf, ours = _pair(backend, keep_window_size=128)  # no top-k: ties would follow different rules
+    prompts = _prompts()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ref = hf.generate(ids, attention_mask=mask, max_new_tokens=64, do_sample=False)
+    out = generate(ours, ids, mask, max_new_tokens=64)
+    assert torch.equal(out.sequences, ref)
+    alone = generate(ours, ids[:1, -len(prompts[0]):], max_new_tokens=64)
+    assert torch.equal(alone.new_tokens, out.new_tokens[:1])
+
+
+def test_requests_that_join_later_get_what_they_get_alone():
+    _, ours = _pair()
+    prompts = _prompts()
+    alone = []
+    for p in prompts:
+        request = Request(p, GREEDY)
+        Engine(ours, max_batch=1).generate([request])
+        alone.append(request.token_ids)
+    engine = Engine(ours, max_batch=3)
+    requests = [Request(p, GREEDY) for p in prompts]
+    engine.submit(requests[0])
+    engine.step()
+    engine.step()  # the first request is two tokens ahead when the others join
+    for request in requests[1:]:
+        engine.submit(request)  # the fourth waits for a free row
+    while not engine.idle():
+        engine.step()
+        assert len(engine.running) <= 3
+    assert [r.token_ids for r in requests] == alone
+
+
+def test_a_shared_prompt_is_prefilled_once_and_finished_rows_leave_the_batch(monkeypatch):
+    _, ours = _pair()
+    prompt = _prompts()[0]
+    calls = []
+    forward = ours.forward
+    monkeypatch.setattr(ours, "forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    sampled = [Request(prompt, SamplingParams(max_new_tokens=12, seed=i)) for i in range(3)]
+    short = Request(prompt, SamplingParams(greedy=True, max_new_tokens=3))
+    Engine(ours, max_batch=4).generate([*sampled, short])
+    assert calls[0] == (1, len(prompt))  # one prefill row for four requests
+    assert [c[0] for c in calls[1:]] == [4, 4] + [3] * 9  # the 3-token request left after its last token
+    for i, request in enumerate(sampled):  # each sampled as it would alone
+        alone = Request(prompt, SamplingParams(max_new_tokens=12, seed=i))
+        Engine(ours, max_batch=1).generate([alone])
+        assert request.token_ids == alone.token_ids
+
+
+def test_stops_lengths_and_logprobs():
+    _, ours = _pair()
+    prompt = _prompts()[1]
+    free = Request(prompt, SamplingParams(greedy=True, max_new_tokens=10), logprobs=True)
+    Engine(ours).generate([free])
+    assert free.finish_reason == "length" and len(free.token_ids) == 10
+    stop = free.token_ids[4]
+    stopped = Request(prompt, SamplingParams(greedy=True, max_new_tokens=10), stop_token_ids=[stop])
+    Engine(ours).generate([stopped])
+    first = free.token_ids.index(stop)
+    assert stopped.token_ids == free.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    with torch.no_grad():
+        logits = ours(torch.tensor([prompt + free.token_ids])).logits[0, len(prompt) - 1:-1]
+    want = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(free.token_ids)[:, None]).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(free.token_logprobs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_stop_strings_and_streaming_with_a_tokenizer(tmp_path):
+    from tests.chat.toymodel import make_chat_tokenizer
+
+    tok = make_chat_tokenizer(tmp_path / "tok")
+    _, ours = _pair(vocab_size=len(tok))
+    prompt = tok("The quick brown fox", add_special_tokens=False)["input_ids"]
+    full = Request(prompt, SamplingParams(greedy=True, max_new_tokens=20), stop_token_ids=[])
+    Engine(ours, tok).generate([full])
+    assert full.text == tok.decode(full.token_ids)
+    cut_at = full.text[len(full.text) // 2:][:3]
+    pieces = []
+    cut = Request(prompt, SamplingParams(greedy=True, max_new_tokens=20), stop_token_ids=[], stop=[cut_at],
+                  on_text=pieces.append)
+    Engine(ours, tok).generate([cut])
+    assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(cut_at)]
+    assert "".join(pieces) == cut.text
+
+
+def test_a_process_whose_requests_are_done_keeps_pace_with_the_others(monkeypatch):
+    """Under ZeRO-3 every forward is collective: until stop_together says every process is done, a
+    process with nothing left runs forwards too (and its own results are unchanged)."""
+    _, ours = _pair()
+    prompt = _prompts()[1]
+    calls = []
+    forward = ours.forward
+    monkeypatch.setattr(ours, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    asked = []
+
+    def others_busy_until_8(done: bool) -> bool:
+        asked.append(done)
+        return len(asked) >= 8
+
+    request = Request(prompt, SamplingParams(greedy=True, max_new_tokens=3))
+    Engine(ours, max_batch=1, stop_together=others_busy_until_8).generate([request])
+    assert len(request.token_ids) == 3 and asked == [False, False, True, True, True, True, True, True]
+    assert len(calls) == 1 + 7  # the prefill, then one forward per step until everyone is done

@@ -1,0 +1,62 @@
+"""Sampling: processors against transformers' own on the same logits; settings checked."""
+
+import pytest
+import torch
+
+from doge_cli.errors import DogeError
+from doge_cli.inference.sampling import (
+    RowSampler,
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_top_k_top_p,
+)
+
+
+def _logits(seed=1, rows=4, vocab=50):
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_top_k_top_p_filter_matches_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = _logits()
+    ours = filter_top_k_top_p(logits, top_k=20, top_p=0.8)
+    ref = TopPLogitsWarper(0.8)(None, TopKLogitsWarper(20)(None, logits.clone()))
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_repetition_penalty_and_temperature_match_transformers():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+    )
+
+    logits = _logits(seed=2)
+    seen_ids = torch.tensor([[1, 4, 7], [0, 2, 2], [9, 9, 9], [3, 5, 49]])
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, seen_ids, True)
+    ours = apply_repetition_penalty(logits, seen, 1.3) / 0.7
+    ref = TemperatureLogitsWarper(0.7)(seen_ids, RepetitionPenaltyLogitsProcessor(1.3)(seen_ids, logits.clone()))
+    torch.testing.assert_close(ours, ref)
+
+
+def test_a_row_sampler_is_reproducible_and_reports_the_temperature_logprob():
+    logits = _logits(seed=3)[0]
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=10, seed=5)
+    a = [RowSampler(params, 50, [1, 2], "cpu").choose(logits, True) for _ in range(2)]
+    assert a[0] == a[1]
+    token, logprob = a[0]
+    assert logprob == pytest.approx(float(torch.log_softmax(logits / 0.7, -1)[token]))
+    greedy = RowSampler(SamplingParams(greedy=True), 50, [1], "cpu").choose(logits, True)
+    assert greedy[0] == int(logits.argmax())
+
+
+@pytest.mark.parametrize("field, value, message", [("temperature", "0", "temperature must be > 0"),
+                                                   ("top_p", "1.5", "top_p"), ("top_k", "-1", "top_k"),
+                                                   ("max_new_tokens", "0", "max_new_tokens"),
+                                                   ("temperature", "nan", "finite"), ("nope", "1", "unknown parameter")])
+def test_bad_settings_are_refused_and_leave_the_old_value(field, value, message):
+    params = SamplingParams()
+    with pytest.raises(DogeError, match=message):
+        params.set(field, value)
+    assert params == SamplingParams()
