@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +31,19 @@ from dataclasses import dataclass, field
 import torch
 
 from doge_cli.chat_format import config_eos_ids
+from doge_cli.inference.decode import decoder_for
 from doge_cli.inference.sampling import RowSampler, SamplingParams
 from doge_cli.inference.streaming import TextStream
 
 MIN_CAPACITY = 64  # cache positions allocated at least; the cache doubles when a row outgrows it
+logger = logging.getLogger(__name__)
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
 
 
 @dataclass
@@ -81,6 +91,12 @@ class Engine:
         self.max_batch = max_batch
         self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else config_eos_ids(model.config)
         self.stop_together = stop_together
+        # Decoding reads the weights directly (inference/decode.py) where they are whole on this process;
+        # where each forward gathers them (stop_together: ZeRO-3, FSDP) it goes through the model's forward.
+        self.decoder = decoder_for(model) if stop_together is None else None
+        if self.decoder is None:
+            _say_once("generation: the weights are sharded across processes, so decoding runs through the "
+                      "model's forward (slower than the engine's own decoding step)")
         self.cache = None
         self.running: list[_Running] = []  # row i of the cache holds running[i]
         self.queue: deque[Request] = deque()
@@ -180,8 +196,11 @@ class Engine:
         tokens = torch.tensor([[r.request.token_ids[-1]] for r in self.running], device=device)
         positions = torch.tensor([[r.position] for r in self.running], device=device)
         self.cache.window(0, n)
-        out = self.model(tokens, position_ids=positions, past_key_values=self.cache, return_hidden_states=True)
-        logits = self._logits(out.hidden_states[:, -1])
+        if self.decoder is not None:
+            logits = self.decoder(tokens[:, 0], positions[:, 0], self.cache)
+        else:
+            out = self.model(tokens, position_ids=positions, past_key_values=self.cache, return_hidden_states=True)
+            logits = self._logits(out.hidden_states[:, -1])
         plain = all(r.request.params.greedy and r.sampler.seen is None and not r.request.logprobs
                     for r in self.running)
         if plain:  # the common greedy batch: one argmax for every row

@@ -136,6 +136,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
     def window(self, start: int, stop: int) -> None:
         self.rows = slice(start, stop)
 

@@ -59,16 +59,19 @@ def test_requests_that_join_later_get_what_they_get_alone():
 
 
 def test_a_shared_prompt_is_prefilled_once_and_finished_rows_leave_the_batch(monkeypatch):
+    from doge_cli.inference.decode import Decoder
+
     _, ours = _pair()
     prompt = _prompts()[0]
-    calls = []
-    forward = ours.forward
-    monkeypatch.setattr(ours, "forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    prefills, decodes = [], []
+    forward, step = ours.forward, Decoder.__call__
+    monkeypatch.setattr(ours, "forward", lambda *a, **k: prefills.append(a[0].shape) or forward(*a, **k))
+    monkeypatch.setattr(Decoder, "__call__", lambda self, tokens, *a: decodes.append(len(tokens)) or step(self, tokens, *a))
     sampled = [Request(prompt, SamplingParams(max_new_tokens=12, seed=i)) for i in range(3)]
     short = Request(prompt, SamplingParams(greedy=True, max_new_tokens=3))
     Engine(ours, max_batch=4).generate([*sampled, short])
-    assert calls[0] == (1, len(prompt))  # one prefill row for four requests
-    assert [c[0] for c in calls[1:]] == [4, 4] + [3] * 9  # the 3-token request left after its last token
+    assert prefills == [(1, len(prompt))]  # one prefill row for four requests
+    assert decodes == [4, 4] + [3] * 9  # the 3-token request left after its last token
     for i, request in enumerate(sampled):  # each sampled as it would alone
         alone = Request(prompt, SamplingParams(max_new_tokens=12, seed=i))
         Engine(ours, max_batch=1).generate([alone])
