@@ -32,7 +32,7 @@ import torch
 
 from doge_cli.chat_format import config_eos_ids
 from doge_cli.inference.decode import decoder_for
-from doge_cli.inference.sampling import RowSampler, SamplingParams
+from doge_cli.inference.sampling import RowSampler, SamplingParams, choose_tokens
 from doge_cli.inference.streaming import TextStream
 
 MIN_CAPACITY = 64  # cache positions allocated at least; the cache doubles when a row outgrows it
@@ -201,14 +201,10 @@ class Engine:
         else:
             out = self.model(tokens, position_ids=positions, past_key_values=self.cache, return_hidden_states=True)
             logits = self._logits(out.hidden_states[:, -1])
-        plain = all(r.request.params.greedy and r.sampler.seen is None and not r.request.logprobs
-                    for r in self.running)
-        if plain:  # the common greedy batch: one argmax for every row
-            for running, token in zip(self.running, logits.argmax(dim=-1).tolist()):
-                self._take(running, token, None)
-        else:
-            for i, running in enumerate(self.running):
-                self._take(running, *running.sampler.choose(logits[i], running.request.logprobs))
+        tokens, logprobs = choose_tokens(logits, [r.sampler for r in self.running],
+                                         [r.request.logprobs for r in self.running])
+        for running, token, logprob in zip(self.running, tokens, logprobs):
+            self._take(running, token, logprob)
         return self._retire()
 
     def _idle_forward(self) -> None:

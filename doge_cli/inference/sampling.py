@@ -99,7 +99,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 
 class RowSampler:
-    """The next-token choice of one request: its settings, its random stream, the tokens it has seen."""
+    """What one request needs to choose its tokens: its settings, its random stream, the tokens it has seen."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, prompt_ids: list[int], device,
                  generator: torch.Generator | None = None):
@@ -118,22 +118,53 @@ class RowSampler:
 
     def choose(self, logits: torch.Tensor, want_logprob: bool) -> tuple[int, float | None]:
         """The next token for this request's (V,) fp32 logits, and its log-probability when asked."""
-        p = self.params
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen, p.repetition_penalty)
-        if p.greedy:
-            token = int(logits.argmax())
-            scaled = logits
+        tokens, logprobs = choose_tokens(logits[None], [self], [want_logprob])
+        return tokens[0], logprobs[0]
+
+
+def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler], want_logprobs: list[bool]
+                  ) -> tuple[list[int], list[float | None]]:
+    """The next token of every row of (n, V) fp32 ``logits``, row ``i`` chosen as ``samplers[i]`` says.
+
+    Rows are processed together where they can be: one argmax for the greedy rows, and for sampled rows
+    that share their settings one filter, one softmax and an inverse-CDF draw with one uniform number from
+    each row's own random stream (so a row's tokens depend on its stream alone, not on its neighbours).
+    """
+    n = logits.shape[0]
+    tokens: list[int] = [0] * n
+    logprobs: list[float | None] = [None] * n
+    penalised = [i for i, s in enumerate(samplers) if s.seen is not None]
+    if penalised:
+        logits = logits.clone()
+        for i in penalised:
+            logits[i] = apply_repetition_penalty(logits[i], samplers[i].seen, samplers[i].params.repetition_penalty)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samplers):
+        p = s.params
+        groups.setdefault(("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p), []).append(i)
+    for key, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        part = logits.index_select(0, index) if len(rows) < n else logits
+        if key == ("greedy",):
+            scaled = part
+            chosen = part.argmax(dim=-1)
         else:
-            scaled = logits / p.temperature
-            filtered = filter_top_k_top_p(scaled, p.top_k, p.top_p)
-            token = int(torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=self.generator))
-        if self.seen is not None:
-            self.seen[token] = True
-        logprob = float(torch.log_softmax(scaled, dim=-1)[token]) if want_logprob else None
-        return token, logprob
-
-
-def choose_greedy(logits: torch.Tensor) -> list[int]:
-    """Greedy choices of a whole batch at once (rows without a penalty)."""
-    return logits.argmax(dim=-1).tolist()
+            temperature, top_k, top_p = key
+            scaled = part / temperature
+            probs = torch.softmax(filter_top_k_top_p(scaled, top_k, top_p), dim=-1)
+            u = torch.cat([torch.rand(1, generator=samplers[i].generator, device=logits.device) for i in rows])
+            cdf = probs.cumsum(dim=-1)
+            # right=True: the first token whose cumulative mass exceeds the draw, so no zero-mass token is picked
+            chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+            chosen = chosen.clamp_(max=probs.shape[-1] - 1)
+        picked = chosen.tolist()
+        need = [j for j, i in enumerate(rows) if want_logprobs[i]]
+        values = torch.log_softmax(scaled[need], dim=-1).gather(-1, chosen[need][:, None]).squeeze(-1).tolist() \
+            if need else []
+        for j, i in enumerate(rows):
+            tokens[i] = picked[j]
+        for j, value in zip(need, values):
+            logprobs[rows[j]] = value
+    for i in penalised:
+        samplers[i].seen[tokens[i]] = True
+    return tokens, logprobs

@@ -60,3 +60,29 @@ def test_bad_settings_are_refused_and_leave_the_old_value(field, value, message)
     with pytest.raises(DogeError, match=message):
         params.set(field, value)
     assert params == SamplingParams()
+
+
+def test_draws_follow_the_filtered_distribution():
+    from doge_cli.inference.sampling import choose_tokens
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    params = SamplingParams(temperature=1.0, top_k=4, top_p=1.0, seed=11)
+    sampler = RowSampler(params, 5, [0], "cpu")
+    counts = torch.zeros(5)
+    for _ in range(4000):
+        counts[choose_tokens(logits, [sampler], [False])[0][0]] += 1
+    want = torch.softmax(logits[0, :4], -1)
+    assert counts[4] == 0  # filtered out by top-k
+    assert torch.allclose(counts[:4] / 4000, want, atol=0.03)
+
+
+def test_rows_with_different_settings_in_one_batch_each_follow_their_own():
+    from doge_cli.inference.sampling import choose_tokens
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    samplers = [RowSampler(SamplingParams(greedy=True), 40, [1], "cpu"),
+                RowSampler(SamplingParams(temperature=0.5, top_k=5, seed=1), 40, [1], "cpu"),
+                RowSampler(SamplingParams(temperature=1.5, top_p=0.5, seed=2, repetition_penalty=1.2), 40, [1], "cpu")]
+    together, _ = choose_tokens(logits, samplers, [False] * 3)
+    alone = [RowSampler(s.params, 40, [1], "cpu").choose(logits[i], False)[0] for i, s in enumerate(samplers)]
+    assert together == alone and together[0] == int(logits[0].argmax())

@@ -34,3 +34,11 @@ def test_fused_ce_benchmark_tiny(capsys):
     assert len(rows) == 2
     # Same loss from both paths.
     assert rows[0].split("|")[2] == rows[1].split("|")[2]
+
+
+def test_generation_benchmark_quick(capsys):
+    """benchmarks/generation.py end to end at the 1M size: both stacks, both precisions, same greedy tokens in fp32."""
+    assert _load("generation").main(["--quick", "--rounds", "1", "--new", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| float32 |") and "x" in line.split("|")[2]]
+    assert len(rows) == 4 and all(line.rstrip().endswith("| yes |") for line in rows), out
