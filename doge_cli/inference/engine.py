@@ -104,6 +104,8 @@ class Engine:
     # -- public ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         request.params.validate()
+        if not isinstance(request.prompt_ids, list | tuple) or not all(isinstance(t, int) for t in request.prompt_ids):
+            raise TypeError(f"prompt_ids must be a list of token ids, got {type(request.prompt_ids).__name__}")
         if not request.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if (request.on_text is not None or request.stop) and self.tokenizer is None:
