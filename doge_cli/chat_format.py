@@ -9,8 +9,9 @@
 - **Stop ids**: the token ids that end a reply (:func:`eos_ids` for a tokenizer, :func:`stop_ids` for a
   model and its tokenizer).
 - **Reading replies**: :func:`split_reasoning` separates the thinking from the answer (what chat shows and
-  what evaluation scores); :func:`final_answer` takes the checkable answer out of that answer part (what
-  the GRPO accuracy reward compares); :func:`last_boxed` reads a ``\\boxed{...}`` answer.
+  what evaluation scores), :class:`ReasoningStream` does it for text that is still streaming (chat, the
+  server); :func:`final_answer` takes the checkable answer out of that answer part (what the GRPO
+  accuracy reward compares); :func:`last_boxed` reads a ``\\boxed{...}`` answer.
 """
 
 from __future__ import annotations
@@ -131,3 +132,36 @@ def final_answer(text: str) -> str:
         return answer
     lines = [ln.strip() for ln in answer.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+class ReasoningStream:
+    """Turns streamed text into ``(kind, text)`` pieces, kind ``"thinking"`` or ``"answer"``, markers removed.
+
+    Text that could be the start of a marker is held back until the next piece decides it.
+    """
+
+    def __init__(self) -> None:
+        self.kind = "answer"
+        self._pending = ""
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        self._pending += text
+        out: list[tuple[str, str]] = []
+        while True:
+            hits = [(self._pending.find(m), m) for m in THINKING_TOKENS if m in self._pending]
+            if not hits:
+                break
+            pos, marker = min(hits)
+            if pos:
+                out.append((self.kind, self._pending[:pos]))
+            self._pending = self._pending[pos + len(marker):]
+            self.kind = "thinking" if marker == BEGIN_THOUGHT else "answer"
+        keep = max((n for m in THINKING_TOKENS for n in range(1, len(m)) if self._pending.endswith(m[:n])), default=0)
+        emit, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
+        if emit:
+            out.append((self.kind, emit))
+        return out
+
+    def flush(self) -> list[tuple[str, str]]:
+        rest, self._pending = self._pending, ""
+        return [(self.kind, rest)] if rest else []

@@ -3,7 +3,7 @@
 Each turn renders the whole conversation through the tokenizer's chat template and generates with
 the inference engine (:mod:`doge_cli.inference`), streaming the reply's text as it grows. Replies of R1 models keep their
 ``<|begin_of_thought|>…<|end_of_thought|><|begin_of_solution|>…<|end_of_solution|>`` markers in the
-history (the format the model was trained on); :class:`ReasoningStream` splits them for display.
+history (the format the model was trained on); ``chat_format.ReasoningStream`` splits them for display.
 """
 
 from __future__ import annotations
@@ -12,41 +12,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from doge_cli.chat_format import BEGIN_THOUGHT, THINKING_TOKENS, stop_ids
+from doge_cli.chat_format import stop_ids
 from doge_cli.inference.sampling import SamplingParams
-
-
-class ReasoningStream:
-    """Turns streamed text into ``(kind, text)`` pieces, kind ``"thinking"`` or ``"answer"``, markers removed.
-
-    Text that could be the start of a marker is held back until the next piece decides it.
-    """
-
-    def __init__(self) -> None:
-        self.kind = "answer"
-        self._pending = ""
-
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        self._pending += text
-        out: list[tuple[str, str]] = []
-        while True:
-            hits = [(self._pending.find(m), m) for m in THINKING_TOKENS if m in self._pending]
-            if not hits:
-                break
-            pos, marker = min(hits)
-            if pos:
-                out.append((self.kind, self._pending[:pos]))
-            self._pending = self._pending[pos + len(marker):]
-            self.kind = "thinking" if marker == BEGIN_THOUGHT else "answer"
-        keep = max((n for m in THINKING_TOKENS for n in range(1, len(m)) if self._pending.endswith(m[:n])), default=0)
-        emit, self._pending = self._pending[: len(self._pending) - keep], self._pending[len(self._pending) - keep:]
-        if emit:
-            out.append((self.kind, emit))
-        return out
-
-    def flush(self) -> list[tuple[str, str]]:
-        rest, self._pending = self._pending, ""
-        return [(self.kind, rest)] if rest else []
 
 
 class ChatSession:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from doge_cli.chat.session import ChatSession, ReasoningStream
-from doge_cli.chat_format import split_reasoning
+from doge_cli.chat.session import ChatSession
+from doge_cli.chat_format import ReasoningStream, split_reasoning
 from doge_cli.errors import DogeError
 
 HELP = (

@@ -69,6 +69,9 @@ class Request:
     """``"stop"`` (a stop id or string) or ``"length"`` (``max_new_tokens``)."""
     text: str | None = None
     """The reply's text (stop id excluded, cut before a stop string), when the engine has a tokenizer."""
+    cancelled: bool = False
+    """Set (from any thread) to stop generating for this request at the next step; it then finishes with
+    ``finish_reason == "cancelled"`` and frees its row (a client that went away)."""
 
 
 class _Running:
@@ -119,7 +122,7 @@ class Engine:
     def step(self) -> list[Request]:
         """Admit queued requests into free rows, then decode one token for every running request; returns
         the requests that finished."""
-        finished = self._admit()
+        finished = self._retire() + self._admit()  # cancelled requests leave before anything else runs
         if self.running:
             finished += self._decode()
         return finished
@@ -150,6 +153,12 @@ class Engine:
         if not self.queue or free <= 0:
             return []
         batch = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+        finished = [r for r in batch if r.cancelled]
+        for request in finished:
+            request.finish_reason = "cancelled"
+        batch = [r for r in batch if not r.cancelled]
+        if not batch:
+            return finished
         unique: dict[tuple[int, ...], list[Request]] = {}
         for request in batch:
             unique.setdefault(tuple(request.prompt_ids), []).append(request)
@@ -179,7 +188,7 @@ class Engine:
             for request in unique[prompt][1:]:
                 self.cache.copy_row(first + i, len(self.running))
                 self._start(request, logits[i])
-        return self._retire()
+        return finished + self._retire()
 
     def _start(self, request: Request, logits: torch.Tensor) -> None:
         """Put ``request`` in the next cache row and choose its first token from its prompt's logits."""
@@ -254,6 +263,8 @@ class Engine:
         row = 0
         while row < len(self.running):
             running = self.running[row]
+            if running.request.cancelled and running.request.finish_reason is None:
+                running.request.finish_reason = "cancelled"
             if running.request.finish_reason is None:
                 row += 1
                 continue

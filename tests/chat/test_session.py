@@ -4,8 +4,8 @@ import shutil
 import pytest
 
 from doge_cli.chat.loading import load_model_and_tokenizer
-from doge_cli.chat.session import ChatSession, ReasoningStream
-from doge_cli.chat_format import split_reasoning
+from doge_cli.chat.session import ChatSession
+from doge_cli.chat_format import ReasoningStream, split_reasoning
 from doge_cli.errors import DogeError
 from doge_cli.inference import SamplingParams
 

@@ -131,3 +131,23 @@ def test_a_process_whose_requests_are_done_keeps_pace_with_the_others(monkeypatc
     Engine(ours, max_batch=1, stop_together=others_busy_until_8).generate([request])
     assert len(request.token_ids) == 3 and asked == [False, False, True, True, True, True, True, True]
     assert len(calls) == 1 + 7  # the prefill, then one forward per step until everyone is done
+
+
+def test_a_cancelled_request_frees_its_row_at_the_next_step():
+    _, ours = _pair()
+    prompts = _prompts()
+    engine = Engine(ours, max_batch=2)
+    first, second, third = (Request(p, SamplingParams(greedy=True, max_new_tokens=30)) for p in prompts[:3])
+    for request in (first, second, third):
+        engine.submit(request)
+    engine.step()
+    assert len(engine.running) == 2 and len(engine.queue) == 1
+    first.cancelled = True  # e.g. its client disconnected
+    done = engine.step()
+    assert first in done and first.finish_reason == "cancelled"
+    assert sorted(id(r.request) for r in engine.running) == sorted(map(id, (second, third)))  # the waiting one took the row
+    while not engine.idle():
+        engine.step()
+    alone = Request(prompts[2], SamplingParams(greedy=True, max_new_tokens=30))
+    Engine(ours, max_batch=1).generate([alone])
+    assert third.token_ids == alone.token_ids
