@@ -4,7 +4,8 @@ Processors run in transformers' order: repetition penalty, then (when sampling) 
 top-p; greedy takes the largest logit after the penalty. Each request samples from its own
 ``torch.Generator`` (seeded by ``seed``), so its tokens do not depend on which other requests share its
 batch. The log-probability reported for a chosen token is under the model's distribution at the
-sampling temperature, before top-k / top-p (what GRPO's ratio uses).
+sampling temperature, before top-k / top-p (what GRPO's ratio uses). Top-p draws need no sort of the
+vocabulary (:func:`_nucleus_draw`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,50 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
     return logits
 
 
+NUCLEUS_TRIES = 8  # draws a row makes from the whole distribution before its nucleus is built by sorting
+
+
+def _draw(probs: torch.Tensor, generators: list) -> torch.Tensor:
+    """One token per row of (n, V) ``probs`` (rows need not sum to 1): an inverse-CDF draw with one
+    uniform number from each row's own generator."""
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+    cdf = probs.cumsum(dim=-1)
+    # right=True: the first token whose cumulative mass exceeds the draw, so no zero-mass token is picked
+    chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return chosen.clamp_(max=probs.shape[-1] - 1)
+
+
+def _nucleus_draw(probs: torch.Tensor, top_p: float, generators: list) -> torch.Tensor:
+    """Nucleus sampling without sorting the vocabulary: draw from the whole distribution and keep the
+    draw when it lies in the nucleus (the tokens likelier ones of which hold less than ``top_p`` of the
+    mass), else draw again. Kept draws follow the renormalised nucleus exactly, and since the nucleus
+    holds at least ``top_p`` of the mass a row rarely needs a second draw. A row still outside after
+    :data:`NUCLEUS_TRIES` draws (a tiny ``top_p`` over a flat distribution) gets its nucleus built by
+    sorting (:func:`filter_top_k_top_p`) and one draw from it. Ties at the nucleus' edge are all kept.
+
+    Sorting 32k logits costs ~2 ms per row on a CPU core, ten times a model step of Doge-20M's share.
+    """
+    n = probs.shape[0]
+    chosen = torch.empty(n, dtype=torch.long, device=probs.device)
+    pending = list(range(n))
+    for _ in range(NUCLEUS_TRIES):
+        index = torch.tensor(pending, device=probs.device)
+        rows = probs.index_select(0, index)
+        tokens = _draw(rows, [generators[i] for i in pending])
+        mass = rows.sum(dim=-1)
+        picked = rows.gather(-1, tokens[:, None])
+        likelier = torch.where(rows > picked, rows, 0.0).sum(dim=-1)
+        inside = (likelier < top_p * mass).tolist()
+        chosen[index] = torch.where(torch.tensor(inside, device=probs.device), tokens, chosen[index])
+        pending = [row for row, ok in zip(pending, inside) if not ok]
+        if not pending:
+            return chosen
+    index = torch.tensor(pending, device=probs.device)
+    nucleus = filter_top_k_top_p(probs.index_select(0, index).log(), top_p=top_p)
+    chosen[index] = _draw(torch.softmax(nucleus, dim=-1), [generators[i] for i in pending])
+    return chosen
+
+
 class RowSampler:
     """What one request needs to choose its tokens: its settings, its random stream, the tokens it has seen."""
 
@@ -151,12 +196,9 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler], want_logprob
         else:
             temperature, top_k, top_p = key
             scaled = part / temperature
-            probs = torch.softmax(filter_top_k_top_p(scaled, top_k, top_p), dim=-1)
-            u = torch.cat([torch.rand(1, generator=samplers[i].generator, device=logits.device) for i in rows])
-            cdf = probs.cumsum(dim=-1)
-            # right=True: the first token whose cumulative mass exceeds the draw, so no zero-mass token is picked
-            chosen = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-            chosen = chosen.clamp_(max=probs.shape[-1] - 1)
+            probs = torch.softmax(filter_top_k_top_p(scaled, top_k), dim=-1)
+            generators = [samplers[i].generator for i in rows]
+            chosen = _draw(probs, generators) if top_p >= 1.0 else _nucleus_draw(probs, top_p, generators)
         picked = chosen.tolist()
         need = [j for j, i in enumerate(rows) if want_logprobs[i]]
         values = torch.log_softmax(scaled[need], dim=-1).gather(-1, chosen[need][:, None]).squeeze(-1).tolist() \

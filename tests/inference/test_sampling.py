@@ -86,3 +86,39 @@ def test_rows_with_different_settings_in_one_batch_each_follow_their_own():
     together, _ = choose_tokens(logits, samplers, [False] * 3)
     alone = [RowSampler(s.params, 40, [1], "cpu").choose(logits[i], False)[0] for i, s in enumerate(samplers)]
     assert together == alone and together[0] == int(logits[0].argmax())
+
+
+@pytest.mark.parametrize("tries", [8, 0])  # 0: every row's nucleus is built by sorting
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.7), (6, 0.5), (0, 0.05)])
+def test_nucleus_draws_follow_the_nucleus(monkeypatch, tries, top_k, top_p):
+    """Draws (with or without the sort-free path) follow transformers' top-k/top-p filtered distribution."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from doge_cli.inference import sampling
+
+    monkeypatch.setattr(sampling, "NUCLEUS_TRIES", tries)
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.2, 0.0, -0.5, -1.0, -3.0, -30.0]])
+    ref = logits.clone()
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    want = torch.softmax(TopPLogitsWarper(top_p)(None, ref), -1)[0]
+    params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, seed=3)
+    samplers = [RowSampler(params, 10, [0], "cpu") for _ in range(4)]  # four rows in one batch
+    counts = torch.zeros(10)
+    for _ in range(1000):
+        for token in sampling.choose_tokens(logits.expand(4, 10), samplers, [False] * 4)[0]:
+            counts[token] += 1
+    assert torch.all(counts[want == 0] == 0)
+    assert torch.allclose(counts / counts.sum(), want, atol=0.03)
+
+
+def test_a_nucleus_row_does_not_depend_on_its_neighbours():
+    from doge_cli.inference.sampling import choose_tokens
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(4)) * 0.3  # flat: several tries
+    params = [SamplingParams(temperature=1.0, top_p=0.3, seed=s) for s in range(5)]
+    batch = [RowSampler(p, 300, [1], "cpu") for p in params]
+    together = [choose_tokens(logits, batch, [False] * 5)[0] for _ in range(20)]
+    solo = [RowSampler(p, 300, [1], "cpu") for p in params]
+    alone = [[solo[i].choose(logits[i], False)[0] for i in range(5)] for _ in range(20)]
+    assert together == alone
