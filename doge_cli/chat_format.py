@@ -7,7 +7,7 @@
 - **The R1 thinking format** (the seed's distillation data): reasoning between the thought markers, the
   final answer between the solution markers, and the system prompt that asks for that layout.
 - **Stop ids**: the token ids that end a reply (:func:`eos_ids` for a tokenizer, :func:`stop_ids` for a
-  model and its tokenizer).
+  model and its tokenizer); :func:`prompt_ids` renders a conversation for the reply to follow.
 - **Reading replies**: :func:`split_reasoning` separates the thinking from the answer (what chat shows and
   what evaluation scores), :class:`ReasoningStream` does it for text that is still streaming (chat, the
   server); :func:`final_answer` takes the checkable answer out of that answer part (what the GRPO
@@ -81,6 +81,13 @@ def stop_ids(model_config, tok) -> list[int]:
     """Every id that ends a reply of a model: its config's EOS ids, plus its tokenizer's."""
     ids = config_eos_ids(model_config)
     return ids + [i for i in eos_ids(tok) if i not in ids]
+
+
+def prompt_ids(tok, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered by ``tok``'s chat template, up to the assistant header that the
+    reply follows (the template writes the special tokens, so none are added on top)."""
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 # ------------------------------------------------------------------------------ reading replies

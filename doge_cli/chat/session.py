@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from doge_cli.chat_format import stop_ids
+from doge_cli.chat_format import prompt_ids, stop_ids
 from doge_cli.inference.sampling import SamplingParams
 
 
@@ -46,9 +46,7 @@ class ChatSession:
         limit = self.model.config.max_position_embeddings
         self.dropped_turns = 0
         while True:
-            text = self.tokenizer.apply_chat_template(self._conversation(turns), tokenize=False,
-                                                      add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(self.tokenizer, self._conversation(turns))
             if len(ids) + self.params.max_new_tokens <= limit or len(turns) <= 1:
                 return ids
             turns = turns[2:]
