@@ -13,6 +13,7 @@ from doge_cli.cli import config as config_cmd
 from doge_cli.cli import data as data_cmd
 from doge_cli.cli import env as env_cmd
 from doge_cli.cli import eval as eval_cmd
+from doge_cli.cli import serve as serve_cmd
 from doge_cli.cli import train as train_cmd
 from doge_cli.errors import DogeError
 
@@ -31,6 +32,7 @@ app.add_typer(data_cmd.app, name="data")
 app.add_typer(train_cmd.app, name="train")
 app.command("eval")(eval_cmd.eval_models)
 app.command("chat")(chat_cmd.chat)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(config_cmd.app, name="config")
 app.command("env")(env_cmd.env)
 

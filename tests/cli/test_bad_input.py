@@ -410,6 +410,18 @@ CASES = [
                                                    "--repetition-penalty", "0"]),
     ("chat-unknown-device", lambda w, t: ["chat", str(w.model), "--prompt", "hi", "--device", "tpu"]),
     ("chat-cuda-without-gpu", lambda w, t: ["chat", str(w.model), "--prompt", "hi", "--device", "cuda"]),
+    # -- serve ------------------------------------------------------------------------------------------
+    ("serve-model-missing", lambda w, t: ["serve", str(t / "none"), "--port", "0"]),
+    ("serve-not-a-model-folder", lambda w, t: ["serve", str(_foreign(t)), "--port", "0"]),
+    ("serve-no-tokenizer", lambda w, t: ["serve", str(w.root / "model-no-tokenizer"), "--port", "0"]),
+    ("serve-hub-offline", lambda w, t: ["serve", "SmallDoge/Doge-20M-Instruct", "--port", "0"]),
+    ("serve-max-batch-zero", lambda w, t: ["serve", str(w.model), "--max-batch", "0"]),
+    ("serve-max-new-tokens-zero", lambda w, t: ["serve", str(w.model), "--max-new-tokens", "0"]),
+    ("serve-port-out-of-range", lambda w, t: ["serve", str(w.model), "--port", "70000"]),
+    ("serve-host-unknown", lambda w, t: ["serve", str(w.model), "--host", "no-such-host.invalid", "--port", "0"]),
+    ("serve-api-key-empty", lambda w, t: ["serve", str(w.model), "--api-key", " "]),
+    ("serve-unknown-device", lambda w, t: ["serve", str(w.model), "--port", "0", "--device", "tpu"]),
+    ("usage-text-for-int-port", lambda w, t: ["serve", str(w.model), "--port", "eighty"]),
 ]
 
 
