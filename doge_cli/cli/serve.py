@@ -113,7 +113,8 @@ def _run(server, sock: socket.socket, worker, announce) -> None:
         signal.signal(signal.SIGTERM, previous)
         worker.close("the server is shutting down")
         server.should_exit = True
-        thread.join(timeout=15)
+        if thread.ident is not None:  # a signal can come between the URL's print and the thread's start
+            thread.join(timeout=15)
         sock.close()
     if not stopped and not server.started:
         raise DogeError("the HTTP server stopped before it started; see the messages above")

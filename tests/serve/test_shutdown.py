@@ -40,3 +40,38 @@ def test_the_process_exits_zero_on_sigterm_when_idle(tmp_path):
         stop_server(server)
         raise
     assert "Traceback" not in server.log.read_text()
+
+
+def test_a_signal_before_the_http_thread_starts_still_exits_cleanly():
+    """SIGTERM right after the URL is printed, before the HTTP thread exists (found by CI: the shutdown
+    joined a thread that was never started)."""
+    import socket
+
+    from doge_cli.cli.serve import _run
+
+    class Server:
+        started = False
+        should_exit = False
+
+        def run(self, sockets):
+            raise AssertionError("the HTTP server must not start")
+
+    class Worker:
+        closed = None
+
+        def run(self):
+            raise AssertionError("the engine loop must not start")
+
+        def close(self, message):
+            self.closed = message
+
+        def stop(self):
+            pass
+
+    def announce():
+        raise KeyboardInterrupt  # what the SIGTERM handler raises
+
+    worker, server = Worker(), Server()
+    with socket.socket() as sock:
+        _run(server, sock, worker, announce)
+    assert worker.closed == "the server is shutting down" and server.should_exit
