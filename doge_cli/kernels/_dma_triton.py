@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 
 import torch
 import triton
 import triton.language as tl
+
+from doge_cli.kernels import launch
+
+logger = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634
 
@@ -279,17 +284,35 @@ def _bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=m_in[:, None] & d_in[None, :])
 
 
-def _launch_config(d: int, backward: bool) -> dict:
-    """Block sizes and warps. Fixed rather than autotuned so a first GPU run has no tuning stall;
-    tiny blocks under the interpreter, where each program is slow Python."""
-    block_d = max(16, triton.next_power_of_2(d))
-    if INTERPRET:
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": block_d, "num_warps": 1, "num_stages": 1}
-    if backward:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": block_d,
-                "num_warps": 4 if block_d <= 64 else 8, "num_stages": 2}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": block_d,
-            "num_warps": 4 if block_d <= 64 else 8, "num_stages": 3}
+_CHOSEN: dict[tuple, int] = {}  # (device, kind, head dim, dtype) -> index of the configuration that launched
+
+
+def _configs(kind: str, q: torch.Tensor) -> list[launch.LaunchConfig]:
+    """The launch configurations to try for ``q``'s device, fastest first (doge_cli.kernels.launch)."""
+    if INTERPRET or q.device.type != "cuda":
+        return [launch.INTERPRETER]
+    return launch.choose(kind, q.shape[-1], q.dtype, torch.cuda.get_device_properties(q.device))
+
+
+def _launch(kind: str, q: torch.Tensor, run) -> None:
+    """Call ``run(config_kwargs)`` with the first configuration that launches on ``q``'s device. A
+    configuration that runs out of shared memory or registers despite the estimate is passed over for
+    the next one, said once in the log; any other error, or running out with the last one, is raised."""
+    configs = _configs(kind, q)
+    key = (str(q.device), kind, q.shape[-1], q.dtype)
+    start = _CHOSEN.get(key, 0)
+    for index in range(start, len(configs)):
+        try:
+            run(configs[index].kwargs(q.shape[-1]))
+        except triton.runtime.errors.OutOfResources as err:
+            if index + 1 == len(configs):
+                raise
+            logger.warning("dma attention %s on %s (head dim %d, %s): %s ran out of resources (%s); trying %s",
+                           kind, q.device, q.shape[-1], str(q.dtype).removeprefix("torch."), configs[index], err,
+                           configs[index + 1])
+            continue
+        _CHOSEN[key] = index
+        return
 
 
 def _aux(q, bias, threshold, doc_ids, key_padding_mask):
@@ -313,13 +336,14 @@ def forward(q, k, v, bias, threshold, doc_ids, key_padding_mask, scale):
     out = _empty_like(q)
     lse = _empty_like(torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device))
     thr, doc, pad, doc_s, pad_s, flags = _aux(q, bias, threshold, doc_ids, key_padding_mask)
-    cfg = _launch_config(D, backward=False)
-    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)
-    _fwd_kernel[grid](
-        q, k, v, bias, thr, doc, pad, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *doc_s, *pad_s, *out.stride(),
-        Hq, Hkv, Hq // Hkv, Tq, Tk, D, scale, **flags, **cfg,
-    )
+
+    def run(cfg: dict) -> None:
+        _fwd_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)](
+            q, k, v, bias, thr, doc, pad, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *bias.stride(), *doc_s, *pad_s, *out.stride(),
+            Hq, Hkv, Hq // Hkv, Tq, Tk, D, scale, **flags, **cfg,
+        )
+    _launch("forward", q, run)
     return out, lse
 
 
@@ -333,16 +357,18 @@ def backward(do, q, k, v, bias, out, lse, threshold, doc_ids, key_padding_mask, 
     dv = _empty_like(v)
     dbias = _empty_like(torch.empty((B, Hkv, Tk), dtype=torch.float32, device=q.device))
     thr, doc, pad, doc_s, pad_s, flags = _aux(q, bias, threshold, doc_ids, key_padding_mask)
-    cfg = _launch_config(D, backward=True)
     common = (*q.stride(), *k.stride(), *v.stride(), *bias.stride(), *doc_s, *pad_s, *do.stride())
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, bias, thr, doc, pad, do, lse, delta, dk, dv, dbias,
-        *common, *dk.stride(), *dv.stride(),
-        Hq, Hkv, Hq // Hkv, Tq, Tk, D, scale, **flags, **cfg,
-    )
-    _bwd_dq_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, bias, thr, doc, pad, do, lse, delta, dq,
-        *common, *dq.stride(),
-        Hq, Hkv, Hq // Hkv, Tq, Tk, D, scale, **flags, **cfg,
-    )
+
+    def run(cfg: dict) -> None:
+        _bwd_dkdv_kernel[(triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, bias, thr, doc, pad, do, lse, delta, dk, dv, dbias,
+            *common, *dk.stride(), *dv.stride(),
+            Hq, Hkv, Hq // Hkv, Tq, Tk, D, scale, **flags, **cfg,
+        )
+        _bwd_dq_kernel[(triton.cdiv(Tq, cfg["BLOCK_M"]), B * Hq)](
+            q, k, v, bias, thr, doc, pad, do, lse, delta, dq,
+            *common, *dq.stride(),
+            Hq, Hkv, Hq // Hkv, Tq, Tk, D, scale, **flags, **cfg,
+        )
+    _launch("backward", q, run)
     return dq, dk, dv, dbias.to(bias.dtype)
