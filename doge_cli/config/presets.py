@@ -207,3 +207,30 @@ def detect_hardware() -> str:
     # Unknown card: the preset with the most memory that still fits in it.
     fitting = [(p.memory_gb, k) for k, p in HARDWARE.items() if p.memory_gb and p.memory_gb <= mem_gb + 1]
     return max(fitting)[1] if fitting else "rtx4090"
+
+
+def check_hardware(name: str, device: str) -> str | None:
+    """Whether this machine can run a config made for hardware preset ``name`` on ``device`` (its
+    ``runtime.device``). A CUDA device on a machine without one is refused (``ValueError`` with the
+    one-line reason, naming what was found); a GPU preset on a different card than the one found is
+    allowed and returns a note to say once (the micro batch was sized for the preset's memory)."""
+    import torch
+
+    if device != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        found = "a torch build without CUDA" if not torch.backends.cuda.is_built() else "no usable CUDA GPU"
+        what = f"hardware preset {name} ({HARDWARE[name].description})" if name in HARDWARE else "runtime.device=cuda"
+        raise ValueError(f"{what} needs a CUDA GPU, but this machine has {found}; use --hardware cpu, or --hardware "
+                         "auto to detect the machine")
+    preset = HARDWARE.get(name)
+    if preset is None or preset.memory_gb is None:
+        return None
+    card = torch.cuda.get_device_name(0)
+    memory_gb = torch.cuda.get_device_properties(0).total_memory / 2**30
+    if detect_hardware() == name:
+        return None
+    size = "smaller" if preset.memory_gb < memory_gb - 1 else "larger" if preset.memory_gb > memory_gb + 1 else "another"
+    return (f"hardware preset {name} is for {preset.description}; this is {card} ({memory_gb:.0f} GB), so the preset "
+            f"is for a {size} card and the micro batch was sized for {preset.memory_gb:g} GB (--hardware auto "
+            "picks the preset for this card)")

@@ -98,6 +98,9 @@ def eager_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None
     return out.reshape(b, hq, q_len, d).to(q.dtype)
 
 
+_KEY_COLUMNS = 8  # SDPA's fused CUDA kernels want head dims that are multiples of this
+
+
 def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
     """torch's scaled_dot_product_attention, with the per-key bias folded into the keys.
 
@@ -105,7 +108,10 @@ def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None,
     bias into part of the dot product, so SDPA's fused kernels (causal flag or a boolean mask) do the
     work and the bias gradient comes out of SDPA's own dk. This avoids the dense (B, H, Tq, Tk) float
     mask that transformers' Doge builds, which keeps SDPA on its math path (2-3x slower here on CPU,
-    see benchmarks/RESULTS.md). The head dim is padded by 8 (not 1) to keep kernel-friendly sizes.
+    see benchmarks/RESULTS.md). The head dim grows to the next multiple of 8 above ``D`` (the bias column,
+    then zero columns in q, k and v; the output is sliced back): CUDA's flash and memory-efficient SDPA
+    kernels take only head dims that are multiples of 8, and a head dim of 129 would send them to the
+    math path. Zero columns add nothing to the scores, so values and gradients are those of ``D + 1``.
     When the top-k keep window is active the selection differs per query, so the dense path is used.
     """
     b, hq, q_len, d = q.shape
@@ -116,7 +122,7 @@ def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None,
                                 keep_window_size=keep_window_size)
     if doc_ids is not None and doc_ids.device.type == "cpu" and bool((doc_ids == doc_ids[:, -1:]).all()):
         doc_ids = None  # one document per row: plain causal (checked on CPU only: no device sync)
-    pad = 8
+    pad = _KEY_COLUMNS - d % _KEY_COLUMNS  # the bias column, then zeros up to a multiple of 8
     q2 = torch.cat([q, q.new_full((b, hq, q_len, 1), 1.0 / scale), q.new_zeros(b, hq, q_len, pad - 1)], dim=-1)
     k2 = torch.cat([k, bias.unsqueeze(-1).to(k.dtype), k.new_zeros(b, hkv, k_len, pad - 1)], dim=-1)
     v2 = torch.cat([v, v.new_zeros(b, hkv, k_len, pad)], dim=-1)
@@ -212,22 +218,27 @@ _FUNCTIONS: dict[str, Callable] = {
 _AUTO_NOTICES: set[tuple[str, str]] = set()
 
 
-def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
+def resolve_backend(name: str, device: torch.device | str | None = None, head_dim: int | None = None,
+                    dtype: torch.dtype | None = None) -> str:
     """Turn a backend name (or ``auto``) into one of :data:`BACKENDS`.
 
     ``auto``: ``triton`` on CUDA where the kernel can run (``doge_cli.kernels.unavailable_reason``, the
-    one source of truth), else ``sdpa``, saying once in the log why triton was passed over on a GPU.
+    one source of truth; given the model's ``head_dim`` and compute ``dtype``, the kernel is also compiled
+    and run once there, ``doge_cli.kernels.probe``), else ``sdpa``, saying once in the log why triton was
+    passed over on a GPU.
     On CPU sdpa is the choice: in benchmarks/model_step.py it was the fastest or near-fastest CPU training
     step at 1x2048 (noisy runs, see benchmarks/RESULTS.md), while CPU flex is torch's uncompiled dense
     reference (torch 2.13 compiles flex on CPU for inference only) plus our dense backward.
     """
     if name == "auto":
-        from doge_cli.kernels import unavailable_reason
+        from doge_cli.kernels import probe, unavailable_reason
 
         device = torch.device(device) if device is not None else torch.device("cpu")
         if device.type != "cuda":
             return "sdpa"
         reason = unavailable_reason(device)
+        if reason is None and head_dim is not None:
+            reason = probe(device, head_dim, dtype or torch.float32)
         if reason is None:
             return "triton"
         if (str(device), reason) not in _AUTO_NOTICES:
@@ -239,12 +250,16 @@ def resolve_backend(name: str, device: torch.device | str | None = None) -> str:
     return name
 
 
-def check_backend_runs(name: str, device: torch.device | str) -> None:
-    """Refuse, in one line, a resolved backend that cannot run on ``device`` (before any work is done)."""
+def check_backend_runs(name: str, device: torch.device | str, head_dim: int | None = None,
+                       dtype: torch.dtype | None = None) -> None:
+    """Refuse, in one line, a resolved backend that cannot run on ``device`` (before any work is done);
+    with the model's ``head_dim`` and compute ``dtype`` the Triton kernel is compiled and run once there."""
     if name == "triton":
-        from doge_cli.kernels import unavailable_reason
+        from doge_cli.kernels import probe, unavailable_reason
 
         reason = unavailable_reason(device)
+        if reason is None and head_dim is not None:
+            reason = probe(device, head_dim, dtype or torch.float32)
         if reason is not None:
             raise DogeError(f"attention backend 'triton' cannot run on {torch.device(device)}: {reason}; use "
                             "runtime.attn_implementation=sdpa, or auto (which picks a backend that runs)")

@@ -465,6 +465,12 @@ class DogeForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype attention computes in here: autocast's when it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.dtype
+
     def set_attn_implementation(self, name: str) -> None:
         """Switch every layer to another attention backend (a name or ``auto``)."""
         self.attn_requested = name
@@ -491,7 +497,8 @@ class DogeForCausalLM(nn.Module):
         """
         b, t = input_ids.shape
         if self.attn_requested == "auto" and input_ids.device.type != "cpu":
-            best = attn_backends.resolve_backend("auto", input_ids.device)
+            best = attn_backends.resolve_backend("auto", input_ids.device, head_dim(self.config),
+                                                 self._compute_dtype(input_ids.device))
             if best != self.attn_implementation:
                 self.set_attn_implementation("auto")
         cache = past_key_values

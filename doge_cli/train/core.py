@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from doge_cli.config import presets
 from doge_cli.config.loader import gradient_accumulation_steps, to_yaml
 from doge_cli.config.schema import StageConfig
 from doge_cli.errors import DogeError
@@ -71,6 +72,10 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
     from accelerate import Accelerator, PartialState
 
     run_dir = Path(config.output_dir)
+    try:
+        hardware_note = presets.check_hardware(config.hardware, config.runtime.device)
+    except ValueError as err:
+        raise DogeError(str(err)) from None
     replace = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
     device_cpu = config.runtime.device == "cpu" or (config.runtime.device == "auto" and not torch.cuda.is_available())
     state_kwargs: dict[str, Any] = {"cpu": device_cpu}
@@ -87,6 +92,8 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
     accelerator = Accelerator(mixed_precision=mixed, cpu=device_cpu, gradient_accumulation_steps=accum,
                               step_scheduler_with_optimizer=False)
     loop = Loop(config, objective, accelerator, run_dir, accum)
+    if hardware_note is not None:
+        loop.notes.append(hardware_note)
     loop.setup()
     loop.restore(resume)
     loop.open_run_dir(replace=replace)
@@ -226,6 +233,8 @@ class Loop:
         self.grad_norm = torch.zeros((), device=accelerator.device)
         self.finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         self.logger: MetricsLogger | None = None
+        self.notes: list[str] = []  # said once at the start of the run (console and log): hardware, attention
+        self._logged_attention: str | None = None  # the backend named in metrics.jsonl so far
 
     def say(self, text: str) -> None:
         if self.acc.is_main_process:
@@ -242,7 +251,7 @@ class Loop:
         random.seed(cfg.train.seed)
         self.obj.setup()
         model = self.obj.build_model()
-        check_backend_runs(resolve_backend(getattr(model, "attn_requested", "auto"), acc.device), acc.device)
+        self._check_attention(model, check_backend_runs, resolve_backend)
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
@@ -294,6 +303,22 @@ class Loop:
         batches = max(1, math.ceil(cfg.train.num_epochs * len(self.obj.train_data) / cfg.train.global_batch_size))
         return batches * self.obj.steps_per_batch
 
+    def _check_attention(self, model, check_backend_runs, resolve_backend) -> None:
+        """Refuse an attention backend that cannot run here before anything is written; on CUDA the
+        Triton kernel is compiled and run once at the model's head dim and compute dtype, and when
+        ``auto`` passes it over for that reason the run says so (log, console, metrics.jsonl)."""
+        from doge_cli.kernels import unavailable_reason
+        from doge_cli.model.modeling import head_dim
+
+        device, requested = self.acc.device, getattr(model, "attn_requested", "auto")
+        config = getattr(model, "config", None)
+        dim = head_dim(config) if config is not None and hasattr(config, "num_attention_heads") else None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.runtime.precision, torch.float32)
+        resolved = resolve_backend(requested, device, dim, dtype)
+        check_backend_runs(resolved, device, dim, dtype)
+        if requested == "auto" and device.type == "cuda" and resolved != "triton":
+            self.notes.append(f"attention auto: triton passed over on {device} ({unavailable_reason(device)}); using {resolved}")
+
     def run(self, stop_after: int | None) -> TrainResult:
         cfg, acc = self.config, self.acc
         total = self.total_steps()
@@ -305,6 +330,8 @@ class Loop:
             f"{'es' if self.world > 1 else ''}), {_launcher_name(acc)} on {acc.device}, "
             f"{cfg.runtime.precision}, attention {getattr(self.module, 'attn_implementation', '?')}"
         )
+        for note in self.notes:
+            self.logger.message(note)
         if self.resume_from is not None:
             self.logger.message(f"resumed from {self.resume_from} at step {self.start_step}")
         self.flops_per_target = self.obj.flops_per_target()
@@ -366,6 +393,9 @@ class Loop:
         sample_due = bool(cfg.sample_every and step % cfg.sample_every == 0)
         if step % cfg.log_every == 0 or step == total or eval_due or sample_due:
             record = self._log_record(step, total)
+            attention = getattr(self.module, "attn_implementation", None)
+            if attention != self._logged_attention:  # the first record, and any later change of backend
+                record["attention"] = self._logged_attention = attention
             if not math.isfinite(record["loss"]) or self._any_nonfinite():
                 raise DogeError(self._divergence_message(step))
             self.last_loss = record["loss"]

@@ -355,6 +355,10 @@ CASES = [
     # Outside the tests no TRITON_INTERPRET is set: the kernel cannot run on a CPU and says so.
     ("train-triton-on-cpu", lambda w, t: (_pt(w, t, "runtime.attn_implementation=triton"), {"TRITON_INTERPRET": "0"})),
     ("train-unknown-backend", lambda w, t: _pt(w, t, "runtime.attn_implementation=flash")),
+    # A GPU preset where there is no GPU (hidden here, should the suite run on a GPU machine).
+    ("train-gpu-preset-without-gpu", lambda w, t: (["train", "pt", "--hardware", "rtx4090", *TINY, f"data.path={w.pt}",
+                                                    f"output_dir={t / 'run'}"], {"CUDA_VISIBLE_DEVICES": ""})),
+    ("train-cuda-device-without-gpu", lambda w, t: (_pt(w, t, "runtime.device=cuda"), {"CUDA_VISIBLE_DEVICES": ""})),
     ("train-accelerate-config-missing", lambda w, t: [*_pt(w, t), "--accelerate-config", str(t / "none.yaml")]),
     ("train-accelerate-config-broken-yaml", lambda w, t: [*_pt(w, t), "--accelerate-config",
                                                           str(_accelerate(t, "distributed_type: [MULTI_GPU"))]),

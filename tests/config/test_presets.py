@@ -64,3 +64,37 @@ def test_auto_hardware_on_this_machine():
 
     cfg = resolve_config("pt", size="20M", hardware="auto")
     assert cfg.hardware == ("cpu" if not torch.cuda.is_available() else cfg.hardware)
+
+
+def test_a_gpu_preset_without_a_gpu_is_refused_in_one_line(monkeypatch):
+    import pytest
+    import torch
+
+    from doge_cli.config.presets import check_hardware
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError) as err:
+        check_hardware("rtx4090", "cuda")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("hardware preset rtx4090 (NVIDIA RTX 4090, 24 GB) needs a CUDA GPU")
+    assert message.endswith("use --hardware cpu, or --hardware auto to detect the machine")
+    with pytest.raises(ValueError, match="^runtime.device=cuda needs a CUDA GPU"):
+        check_hardware("auto", "cuda")
+    assert check_hardware("cpu", "cpu") is None
+
+
+def test_a_preset_for_another_card_is_said_once(monkeypatch):
+    import torch
+
+    from doge_cli.config.presets import check_hardware
+
+    class Props:
+        total_memory = 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: Props())
+    assert check_hardware("h100", "cuda") is None
+    note = check_hardware("rtx4090", "cuda")
+    assert "this is NVIDIA H100 80GB HBM3 (80 GB)" in note and "for a smaller card" in note and "24 GB" in note
+    assert "for a larger card" in check_hardware("h200", "cuda")

@@ -49,3 +49,34 @@ def test_sdpa_paths_match_eager(case):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
     if case == "left_padding":
         assert got[1, :, :9].abs().max() == 0  # queries with no real key give zeros, not NaN
+
+
+@pytest.mark.parametrize("d", [7, 12, 16, 64])
+@pytest.mark.parametrize("case", ["causal", "documents", "decode"])
+def test_the_padded_head_dim_is_a_multiple_of_8_and_changes_nothing(d, case, monkeypatch):
+    """The bias column plus zero padding make the head dim SDPA sees a multiple of 8 (CUDA's fused kernels
+    need it); the result and every gradient equal eager's at any head dim."""
+    import torch.nn.functional as F
+
+    from doge_cli.model import attention
+
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    kwargs = dict(CASES[case])
+    tq = kwargs.pop("tq", 37)
+    q, k, v, bias = inputs(tq=tq, d=d, seed=d)
+    want = eager_attention(q, k, v, bias, scale=d**-0.5, **kwargs)
+    got = sdpa_attention(q, k, v, bias, scale=d**-0.5, **kwargs)
+    width = seen[0][0]
+    assert width % 8 == 0 and d < width <= d + 8 and seen[0] == (width, width, width)
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(want)
+    for name, a, b in zip("q k v bias".split(), torch.autograd.grad(got, (q, k, v, bias), grad),
+                          torch.autograd.grad(want, (q, k, v, bias), grad)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name

@@ -241,3 +241,60 @@ def test_auto_passes_over_an_unusable_kernel_once_in_the_log(monkeypatch, caplog
         "attention auto: the triton kernel cannot run on cuda:0 (no triton here); using sdpa"]
     with pytest.raises(DogeError, match="'triton' cannot run on cuda:0: no triton here"):
         attention.check_backend_runs("triton", "cuda:0")
+
+
+def test_auto_passes_over_a_kernel_that_fails_to_compile_and_explicit_triton_refuses(monkeypatch, caplog):
+    """A card where the kernel is 'available' but its compile or launch fails: auto says so once and uses
+    sdpa; an explicit triton is one line. The failure comes from the probe (kernels.probe)."""
+    import doge_cli.kernels as kernels
+    from doge_cli.model import attention
+
+    calls = []
+
+    def probe(device, head_dim, dtype):
+        calls.append((str(device), head_dim, dtype))
+        return "the kernel failed to compile or run at head dim 128, bfloat16 (OutOfResources: shared memory)"
+
+    monkeypatch.setattr(kernels, "unavailable_reason", lambda device: None)
+    monkeypatch.setattr(kernels, "probe", probe)
+    monkeypatch.setattr(attention, "_AUTO_NOTICES", set())
+    assert attention.resolve_backend("auto", "cuda:0") == "triton"  # no head dim: nothing to probe with
+    with caplog.at_level("WARNING", logger="doge_cli.model.attention"):
+        assert attention.resolve_backend("auto", "cuda:0", 128, torch.bfloat16) == "sdpa"
+        assert attention.resolve_backend("auto", "cuda:0", 128, torch.bfloat16) == "sdpa"
+    assert len(caplog.records) == 1 and "OutOfResources: shared memory)); using sdpa" in caplog.records[0].getMessage()
+    assert calls[0] == ("cuda:0", 128, torch.bfloat16)
+    with pytest.raises(DogeError, match=r"^attention backend 'triton' cannot run on cuda:0: the kernel failed to "
+                                        r"compile or run at head dim 128, bfloat16 \(OutOfResources"):
+        attention.check_backend_runs("triton", "cuda:0", 128, torch.bfloat16)
+
+
+def test_a_failed_probe_is_remembered_for_its_device(monkeypatch):
+    """kernels.probe on a device where running the kernel raises (here: a CPU build asked for CUDA
+    tensors) records why, once, and unavailable_reason reports it from then on."""
+    import doge_cli.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_FAILED", {})
+    monkeypatch.setattr(kernels, "_PROBED", {})
+    monkeypatch.setattr(kernels, "_triton_importable", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    if torch.backends.cuda.is_built():
+        pytest.skip("needs a torch build without CUDA, where CUDA tensors cannot be made")
+    assert kernels.unavailable_reason("cuda") is None
+    reason = kernels.probe("cuda", 128, torch.bfloat16)
+    assert reason.startswith("the kernel failed to compile or run at head dim 128, bfloat16 (")
+    assert kernels.unavailable_reason("cuda:0") == reason == kernels.unavailable_reason("cuda")
+    assert kernels.probe("cuda:0", 128, torch.bfloat16) == reason  # once per device, head dim and dtype
+
+
+def test_the_probe_runs_forward_and_backward_under_no_grad_and_inference_mode():
+    """The probe may first run inside a model's forward under no_grad or inference mode (generation):
+    its backward must still run (here on the interpreter, the same code as on a card)."""
+    from doge_cli.kernels import _run_once
+
+    with torch.no_grad():
+        _run_once(torch.device("cpu"), 16, torch.float32)
+    with torch.inference_mode():
+        _run_once(torch.device("cpu"), 16, torch.float32)
