@@ -3,6 +3,7 @@
 #   make test      run the offline test suite in random order (what CI runs; SEED=N repeats an order)
 #   make lint      ruff
 #   make bench     run the CPU benchmarks in benchmarks/ (minutes; GPU ones need a GPU)
+#   make gpu-check prove the CUDA path on the GPU at hand, one report (~8 min on an H100); SMOKE=1: tiny, on CPU
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ export DS_BUILD_OPS := 0
 # Tests and the demo never need the hub.
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: install test lint bench clean lock demo
+.PHONY: install test lint bench gpu-check clean lock demo
 
 install: $(STAMP)
 
@@ -30,9 +31,12 @@ lint: install
 
 bench: install
 	@for script in benchmarks/*.py; do \
-		case $$script in *_gpu.py) echo "skip $$script (needs a GPU)"; continue;; esac; \
+		case $$script in *_gpu.py|*/gpu_*.py) echo "skip $$script (needs a GPU)"; continue;; esac; \
 		echo "== $$script"; $(TEST_ENV) $(BIN)/python $$script || exit 1; \
 	done
+
+gpu-check: install
+	$(TEST_ENV) $(BIN)/python benchmarks/gpu_check.py $(if $(SMOKE),--smoke,)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

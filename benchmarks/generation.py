@@ -23,7 +23,8 @@ import sys
 import time
 
 
-def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[int], new: int) -> dict:
+def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[int], new: int,
+           device: str = "cpu") -> dict:
     import warnings
 
     import torch
@@ -46,8 +47,13 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
         del ours
     else:
         model = ours
-    model = model.to(getattr(torch, dtype))
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    cuda = model.device.type == "cuda"
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
 
     def run(ids: torch.Tensor, tokens: int) -> torch.Tensor:
         if stack == "reference":
@@ -61,18 +67,22 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
     with torch.no_grad():
         for prompt in prompts:
             for batch in batches:
-                ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=gen)
+                ids = torch.randint(3, config.vocab_size, (batch, prompt), generator=gen).to(model.device)
                 run(ids, 4)  # warm-up
+                sync()
                 t0 = time.perf_counter()
                 run(ids, 1)
+                sync()
                 ttft = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 seq = run(ids, new)
+                sync()
                 seconds = time.perf_counter() - t0
                 assert seq.shape == (batch, prompt + new)
                 out[f"{prompt}x{batch}"] = {"tok_s": batch * new / seconds, "ttft_s": ttft,
                                             "tokens": seq[:, prompt:].tolist()}
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     out["added_mib"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return out
 
@@ -83,23 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny run (1M size, short prompts) for tests")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then the GPU's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     prompts, batches = ([8, 32], [1, 2]) if args.quick else ([32, 512], [1, 8])
     size = "1M" if args.quick else args.size
     if args.child:
         stack, dtype = args.child.split(":")
-        print(json.dumps(_child(stack, size, dtype, prompts, batches, args.new)))
+        print(json.dumps(_child(stack, size, dtype, prompts, batches, args.new, args.device)))
         return 0
     results: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):
         for dtype in ("float32", "bfloat16"):
             for stack in ("reference", "doge"):
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{stack}:{dtype}", "--new", str(args.new),
-                       "--size", args.size] + (["--quick"] if args.quick else [])
+                       "--size", args.size, "--device", args.device] + (["--quick"] if args.quick else [])
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
                 results.setdefault((stack, dtype), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"device {args.device}; "
           f"Doge-{size}, greedy, {args.new} new tokens, medians of {args.rounds} alternating rounds")
     print("| precision | prompt x batch | reference tok/s | doge tok/s | speed | reference TTFT ms | doge TTFT ms | "
           "TTFT ratio | same tokens |")
@@ -118,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{d_ttft:,.1f} | {d_ttft / r_ttft:.2f}x | {'yes' if same else 'no'} |")
         r_mem = statistics.median(r["peak_mib"] for r in ref)
         d_mem = statistics.median(r["peak_mib"] for r in ours)
-        print(f"| {dtype} | peak RSS MiB | {r_mem:,.0f} | {d_mem:,.0f} | {d_mem / r_mem:.2f}x | | | | |")
+        print(f"| {dtype} | peak {'GPU memory' if args.device != 'cpu' else 'RSS'} MiB | {r_mem:,.0f} | {d_mem:,.0f} | {d_mem / r_mem:.2f}x | | | | |")
     print(f"median speed ratio over all rows: {statistics.median(ratios):.2f}x")
     return 0
 

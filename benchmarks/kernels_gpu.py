@@ -211,6 +211,25 @@ def bench_speed(torch, device, dma_attention, attention_flops, smoke: bool, budg
     return rows
 
 
+def print_launch_configs(torch, device) -> None:
+    """The launch configurations this device picks (doge_cli.kernels.launch), first choice first."""
+    from doge_cli.kernels import launch
+
+    if device.type != "cuda":
+        print(f"launch configs: {launch.INTERPRETER} for everything (triton's interpreter)")
+        return
+    props = torch.cuda.get_device_properties(device)
+    print(f"launch configs for {launch.shared_memory_limit(props):,} bytes of shared memory per block "
+          f"(sm_{props.major}{props.minor}):")
+    for kind in launch.KINDS:
+        for head_dim in (64, 128):
+            for dtype in (torch.float32, torch.bfloat16):
+                chosen = launch.choose(kind, head_dim, dtype, props)
+                need = launch.shared_memory_bytes(kind, chosen[0], head_dim, dtype)
+                print(f"launch {kind} D={head_dim} {str(dtype).removeprefix('torch.')}: {chosen[0]} "
+                      f"(~{need:,} bytes)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
@@ -220,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch, device, kmod, dma_attention, reference, attention_flops = _setup(args.smoke)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)"
-    print(f"device: {name}; torch {torch.__version__}; triton {__import__('triton').__version__}\n")
+    print(f"device: {name}; torch {torch.__version__}; triton {__import__('triton').__version__}")
+    print_launch_configs(torch, device)
+    print()
     t0 = time.perf_counter()
     ok = True
     if not args.skip_correctness:

@@ -75,7 +75,8 @@ def make_data(root: Path, size: str, seq_len: int, rows: int, seed: int) -> None
     save_pretrained(DogeForCausalLM(hf, attn_implementation="eager"), root / "init")
 
 
-def run_doge(root: Path, size: str, seq_len: int, steps: int, batch: int, precision: str, attn: str) -> dict:
+def run_doge(root: Path, size: str, seq_len: int, steps: int, batch: int, precision: str, attn: str,
+             device: str = "cpu") -> dict:
     from doge_cli.config import resolve_config
     from doge_cli.train.core import train
     from doge_cli.train.objectives.pt import PretrainObjective
@@ -87,14 +88,15 @@ def run_doge(root: Path, size: str, seq_len: int, steps: int, batch: int, precis
         f"runtime.precision={precision}", f"runtime.attn_implementation={attn}", "logging.log_every=1",
         "logging.eval_every=0", "checkpoint.every=0", "schedule.name=constant_with_warmup", "schedule.warmup_ratio=0",
     ]
-    cfg = resolve_config("pt", size=size, hardware="cpu", overrides=overrides)
+    cfg = resolve_config("pt", size=size, hardware="cpu" if device == "cpu" else "auto", overrides=overrides)
     cfg.data.eval_split = "none"
     train(cfg, PretrainObjective(cfg), overwrite=True)
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     return {"tokens_per_s": [r["tokens_per_s"] for r in records], "losses": [r["loss"] for r in records]}
 
 
-def run_reference(root: Path, size: str, seq_len: int, steps: int, batch: int, precision: str) -> dict:
+def run_reference(root: Path, size: str, seq_len: int, steps: int, batch: int, precision: str,
+                  device: str = "cpu") -> dict:
     import torch
     from datasets import load_from_disk
     from torch.utils.data import SequentialSampler
@@ -137,7 +139,7 @@ def run_reference(root: Path, size: str, seq_len: int, steps: int, batch: int, p
         gradient_accumulation_steps=1, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
         adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps,
         max_grad_norm=cfg.optim.max_grad_norm, lr_scheduler_type="constant",
-        logging_steps=1, save_strategy="no", report_to=[], bf16=precision == "bf16", use_cpu=True,
+        logging_steps=1, save_strategy="no", report_to=[], bf16=precision == "bf16", use_cpu=device == "cpu",
         dataloader_num_workers=0, seed=cfg.train.seed, disable_tqdm=True,
     )
     InOrder(model=model, args=args, train_dataset=data, callbacks=[Timer()]).train()
@@ -158,7 +160,7 @@ def child(args) -> None:
     # Both stacks import the same libraries first, so "training memory" (peak minus this) compares
     # what each needs for the model, optimizer, activations and logits, without the shared imports.
     import accelerate  # noqa: F401
-    import torch  # noqa: F401
+    import torch
     import transformers  # noqa: F401
     from transformers import Trainer  # noqa: F401
 
@@ -166,15 +168,18 @@ def child(args) -> None:
 
     baseline = current_rss_gb()
     if args.child == "doge":
-        result = run_doge(root, args.size, args.seq_len, args.steps, args.batch, args.precision, args.attn)
+        result = run_doge(root, args.size, args.seq_len, args.steps, args.batch, args.precision, args.attn, args.device)
     else:
-        result = run_reference(root, args.size, args.seq_len, args.steps, args.batch, args.precision)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    result["train_mem_gb"] = result["peak_rss_gb"] - baseline
+        result = run_reference(root, args.size, args.seq_len, args.steps, args.batch, args.precision, args.device)
+    if args.device == "cuda":  # the GPU's peak allocation is the memory that matters there
+        result["peak_rss_gb"] = result["train_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["train_mem_gb"] = result["peak_rss_gb"] - baseline
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="20M")
     parser.add_argument("--seq-len", type=int, default=2048)
@@ -183,9 +188,11 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     parser.add_argument("--attn", default="auto", help="doge attention backend")
     parser.add_argument("--repeats", type=int, default=1, help="alternating reference/doge rounds (medians)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: both stacks on the GPU (memory columns are then the GPU's peak allocation)")
     parser.add_argument("--child", choices=["doge", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         child(args)
         return
@@ -200,7 +207,7 @@ def main() -> None:
             for side in ("reference", "doge"):
                 cmd = [sys.executable, __file__, "--child", side, "--root", str(root), "--size", args.size,
                        "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--batch", str(args.batch),
-                       "--precision", args.precision, "--attn", args.attn]
+                       "--precision", args.precision, "--attn", args.attn, "--device", args.device]
                 proc = subprocess.run(cmd, capture_output=True, text=True,
                                       env={**os.environ, "DOGE_PLAIN_LOGS": "1"})
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

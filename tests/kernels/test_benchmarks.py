@@ -42,3 +42,15 @@ def test_generation_benchmark_quick(capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| float32 |") and "x" in line.split("|")[2]]
     assert len(rows) == 4 and all(line.rstrip().endswith("| yes |") for line in rows), out
+
+
+def test_gpu_check_smoke(capsys):
+    """`make gpu-check SMOKE=1`: every part of the GPU check at tiny sizes on the CPU (a few minutes)."""
+    assert _load("gpu_check").main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "gpu-check: 5/5 parts passed" in out, out[-3000:]
+    trained = [line for line in out.splitlines() if line.startswith("| 1M | ")]
+    assert [line.split("|")[2].strip() for line in trained] == ["triton", "sdpa", "flex"]
+    assert "last losses 0.00% apart across backends" in out
+    assert "launch configs:" in out  # the kernel part names the launch configuration it used
+    assert "ZeRO-2) vs" in out and "median speed ratio over all rows" in out
