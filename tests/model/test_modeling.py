@@ -96,18 +96,25 @@ def test_hidden_states_output_feeds_the_lm_head():
 def test_initialisation_matches_transformers():
     """Same init: A = 0, residual weights and norms = 1, linear/embedding std = initializer_range."""
     config = tiny_config(hidden_size=256, intermediate_size=512, vocab_size=512, pad_token_id=0)
+    torch.manual_seed(0)
     ours = DogeForCausalLM(config)
     from transformers import DogeForCausalLM as HFDoge
 
+    torch.manual_seed(1)
     hf = HFDoge(config)
     hf_params = dict(hf.named_parameters())
+    std = config.initializer_range
     for name, p in ours.named_parameters():
         ref = hf_params[name]
         assert p.shape == ref.shape, name
         if name.endswith((".A", "residual", "norm.weight", "layernorm.weight")):
             torch.testing.assert_close(p, ref, msg=name)  # constants: exactly equal
         else:
-            assert abs(p.std().item() - ref.std().item()) < 0.003, name
+            # Both draw from normal(0, std): each sample std lies within 5 standard errors (std / sqrt(2n))
+            # of it. (A fixed gap between the two, as before, failed now and then on small tensors.)
+            bound = 5 * std / (2 * p.numel()) ** 0.5
+            for tensor in (p, ref):
+                assert abs(tensor.std().item() - std) < bound, name
     assert torch.count_nonzero(ours.model.embed_tokens.weight[0]) == 0
 
 

@@ -92,6 +92,26 @@ def wait_for_log(server: Server, count: int, timeout: float = 60) -> list[str]:
     raise AssertionError(f"the server logged {len(server.log_lines())} lines, expected {count}")
 
 
+def log_mark(server: Server, timeout: float = 60) -> int:
+    """The number of log lines up to a marker request of this call's own (a 404 for a made-up model
+    name, which the log line names), so that lines after it belong to requests made after it: a request
+    an earlier test made is logged when its response ends, which can be just after its client has it."""
+    import uuid
+
+    import httpx
+
+    marker = f"/v1/models/log-mark-{uuid.uuid4().hex}"
+    httpx.get(server.url + marker, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = server.log_lines()
+        for index, line in enumerate(lines):
+            if marker in line:
+                return index + 1
+        time.sleep(0.05)
+    raise AssertionError(f"the server never logged the marker request {marker}")
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
