@@ -80,3 +80,39 @@ def collect_env() -> dict[str, object]:
     info["hub"] = offline_status()
     info["HF_HOME"] = os.environ.get("HF_HOME", "~/.cache/huggingface")
     return info
+
+
+def git_state() -> dict[str, object] | None:
+    """The commit of the doge source tree and whether it has uncommitted changes; None when doge is not
+    installed from a git checkout (or git is missing)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if commit.returncode != 0 or status.returncode != 0:
+        return None
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def run_environment(device: str, processes: int) -> dict[str, object]:
+    """What a run records about where it ran (doge_run.json; shown by doge report)."""
+    import time
+
+    versions = package_versions()
+    if device.startswith("cuda"):
+        found = gpus()
+        hardware = found[0].split(" ", 1)[1] if found else device
+    else:
+        hardware = f"{cpu_model()} ({os.cpu_count()} cores)"
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "python": sys.version.split()[0],
+            "doge": versions["doge-cli"], "torch": versions["torch"], "transformers": versions["transformers"],
+            "git": git_state(), "device": device, "hardware": hardware, "processes": processes}

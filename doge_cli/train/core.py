@@ -291,8 +291,11 @@ class Loop:
             if replace:
                 shutil.rmtree(self.run_dir)  # check_run_dir made sure it is a doge run
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.run_dir / RUN_MARKER,
-                              json.dumps({"stage": self.config.stage, "doge_version": __version__}))
+            from doge_cli.env_info import run_environment
+
+            environment = run_environment(str(self.acc.device), self.world)
+            write_text_atomic(self.run_dir / RUN_MARKER, json.dumps(
+                {"stage": self.config.stage, "doge_version": __version__, "environment": environment}, indent=2))
             write_text_atomic(self.run_dir / "config.yaml", to_yaml(self.config))
         self.acc.wait_for_everyone()
 
@@ -506,6 +509,10 @@ class Loop:
             "grad_norm": float(self.grad_norm),
             "tokens_per_s": tokens / elapsed,
             "mem_gb": peak_memory_gb(acc.device.type),
+            # The window's own figures, so that sums over the records (doge report) give the run's wall time
+            # and tokens, resumed runs included (metrics.jsonl is cut back to the checkpoint on resume).
+            "tokens": tokens,
+            "time_s": elapsed,
         }
         if self.flops_per_target and self.peak:
             record["mfu"] = self.flops_per_target * tokens / elapsed / (self.peak * self.world)
