@@ -8,11 +8,13 @@ import sys
 import typer
 
 from doge_cli import __version__
+from doge_cli.cli import average as average_cmd
 from doge_cli.cli import chat as chat_cmd
 from doge_cli.cli import config as config_cmd
 from doge_cli.cli import data as data_cmd
 from doge_cli.cli import env as env_cmd
 from doge_cli.cli import eval as eval_cmd
+from doge_cli.cli import report as report_cmd
 from doge_cli.cli import serve as serve_cmd
 from doge_cli.cli import train as train_cmd
 from doge_cli.errors import DogeError
@@ -30,9 +32,11 @@ app = typer.Typer(
 # In pipeline order, so `doge --help` reads like the workflow.
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(train_cmd.app, name="train")
+app.command("average")(average_cmd.average)
 app.command("eval")(eval_cmd.eval_models)
 app.command("chat")(chat_cmd.chat)
 app.command("serve")(serve_cmd.serve)
+app.command("report")(report_cmd.report)
 app.add_typer(config_cmd.app, name="config")
 app.command("env")(env_cmd.env)
 

@@ -62,13 +62,14 @@ LEGACY_CONFIG_FIELDS = ("hidden_bias", "dynamic_mask_ratio", "expert_retrieval_s
 NO_KEEP_WINDOW = 2**31 - 1  # the 2024-25 code had no top-k keep window: no sequence is this long
 
 
-def save_pretrained(model: DogeForCausalLM, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def save_pretrained(model: DogeForCausalLM, out_dir: str | os.PathLike, tokenizer=None,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Write ``out_dir`` as a transformers Doge folder (config.json, model.safetensors, generation_config).
 
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it natively, no ``trust_remote_code``.
     The folder is written through ``doge_cli.io.atomic_dir``: under a temporary name and renamed into
     place, so a crash never leaves half a folder; an existing ``out_dir`` is replaced only when doge wrote
-    it (or it is empty). A ``tokenizer`` is saved into it too.
+    it (or it is empty). A ``tokenizer`` is saved into it too, and ``extra_files`` (name -> text).
     """
     if is_legacy(model.config):
         raise DogeError("this model was loaded from an old small-doge checkpoint (no q/k norms, a per-query-head "
@@ -86,6 +87,8 @@ def save_pretrained(model: DogeForCausalLM, out_dir: str | os.PathLike, tokenize
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text.rstrip("\n") + "\n", encoding="utf-8")
     return out_dir
 
 

@@ -352,6 +352,27 @@ CASES = [
              "checkpoint.every=1"), "--resume", str(t / "run" / "checkpoints" / "step-000001")]),
     ("train-resume-changed-config", lambda w, t: [*_pt(w, t, f"output_dir={_run_copy(w, t)}", "checkpoint.every=1",
                                                        "optim.lr=0.1"), "--resume", "auto"]),
+    # -- average ------------------------------------------------------------------------------------
+    ("average-no-out", lambda w, t: ["average", "--run", str(w.run), "--last", "2"]),
+    ("average-nothing", lambda w, t: ["average", "--out", str(t / "avg")]),
+    ("average-unknown-method", lambda w, t: ["average", "--run", str(w.run), "--method", "median", "--out",
+                                             str(t / "avg")]),
+    ("average-ema-bad-alpha", lambda w, t: ["average", "--run", str(w.run), "--last", "2", "--method", "ema",
+                                            "--alpha", "1.5", "--out", str(t / "avg")]),
+    ("average-last-too-many", lambda w, t: ["average", "--run", str(w.run), "--last", "9", "--out", str(t / "avg")]),
+    ("average-run-missing", lambda w, t: ["average", "--run", str(t / "none"), "--out", str(t / "avg")]),
+    ("average-run-and-checkpoints", lambda w, t: ["average", str(w.run / "checkpoints" / "step-000001"), "--run",
+                                                  str(w.run), "--out", str(t / "avg")]),
+    ("average-not-a-checkpoint", lambda w, t: ["average", str(_foreign(t)), "--out", str(t / "avg")]),
+    ("average-truncated-checkpoint", lambda w, t: [
+        "average", "--run", str(_run_copy(w, t, lambda c: _truncate(c / "model.safetensors"))), "--last", "2",
+        "--out", str(t / "avg")]),
+    ("average-run-without-final", lambda w, t: [
+        "average", "--run", str(_run_copy(w, t, lambda c: shutil.rmtree(c.parent.parent / "final",
+                                                                          ignore_errors=True))),
+        "--last", "2", "--out", str(t / "avg")]),
+    ("average-out-foreign", lambda w, t: ["average", "--run", str(w.run), "--last", "2", "--out",
+                                          str(_foreign(t))]),
     # Outside the tests no TRITON_INTERPRET is set: the kernel cannot run on a CPU and says so.
     ("train-triton-on-cpu", lambda w, t: (_pt(w, t, "runtime.attn_implementation=triton"), {"TRITON_INTERPRET": "0"})),
     ("train-unknown-backend", lambda w, t: _pt(w, t, "runtime.attn_implementation=flash")),
