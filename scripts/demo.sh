@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole doge pipeline on builtin offline data with tiny recipes, on a CPU, in minutes:
-# data -> tokenizer -> tokenize -> merge -> pretrain -> SFT -> DPO -> GRPO -> eval -> chat.
+# data -> tokenizer -> tokenize -> merge -> pretrain -> SFT -> DPO -> GRPO -> eval -> chat -> report.
 # Every command is printed before it runs, so you can copy the real ones.
 #
 #   make demo                 (installs first if needed)
@@ -47,7 +47,13 @@ run eval --model ./runs/quickstart/pt/final --model ./runs/quickstart/dpo/final 
     --datasets-dir ./datasets --output-dir ./eval
 run chat ./runs/quickstart/dpo/final --prompt "What is your favorite book?" --greedy --repetition-penalty 1.3 --max-new-tokens 48
 
-# 4. The two figures the demo promises.
+# 4. One report card for the whole pipeline: environment, every stage's figures and settings, the
+#    evaluation side by side, the loss curves (report.md, report_loss.png, report.html).
+run report ./runs/quickstart/pt ./runs/quickstart/sft ./runs/quickstart/dpo ./runs/quickstart/r1-sft \
+    ./runs/quickstart/grpo --eval ./eval --out ./report.md --html
+
+# 5. The two figures the demo promises.
 "$ROOT/.venv/bin/python" "$ROOT/scripts/demo_report.py" --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
 echo
+echo "report: $DEMO_DIR/report.md (and report.html)"
 echo "demo finished in $(( $(date +%s) - start )) s; everything is under $DEMO_DIR"
