@@ -14,6 +14,7 @@ from doge_cli.cli import config as config_cmd
 from doge_cli.cli import data as data_cmd
 from doge_cli.cli import env as env_cmd
 from doge_cli.cli import eval as eval_cmd
+from doge_cli.cli import push as push_cmd
 from doge_cli.cli import report as report_cmd
 from doge_cli.cli import serve as serve_cmd
 from doge_cli.cli import train as train_cmd
@@ -37,6 +38,7 @@ app.command("eval")(eval_cmd.eval_models)
 app.command("chat")(chat_cmd.chat)
 app.command("serve")(serve_cmd.serve)
 app.command("report")(report_cmd.report)
+app.command("push")(push_cmd.push)
 app.add_typer(config_cmd.app, name="config")
 app.command("env")(env_cmd.env)
 

@@ -373,6 +373,13 @@ CASES = [
         "--last", "2", "--out", str(t / "avg")]),
     ("average-out-foreign", lambda w, t: ["average", "--run", str(w.run), "--last", "2", "--out",
                                           str(_foreign(t))]),
+    # -- push (the tests are offline: a push that gets past its checks is refused for that) ----------
+    ("push-offline", lambda w, t: ["push", str(w.model), "--repo", "me/doge-tiny"]),
+    ("push-bad-repo-id", lambda w, t: ["push", str(w.model), "--repo", "not a repo"]),
+    ("push-no-repo", lambda w, t: ["push", str(w.model)]),
+    ("push-not-a-model", lambda w, t: ["push", str(_foreign(t)), "--repo", "me/doge-tiny"]),
+    ("push-missing-folder", lambda w, t: ["push", str(t / "none"), "--repo", "me/doge-tiny"]),
+    ("push-bad-license", lambda w, t: ["push", str(w.model), "--repo", "me/doge-tiny", "--license", "Apache 2.0!"]),
     # Outside the tests no TRITON_INTERPRET is set: the kernel cannot run on a CPU and says so.
     ("train-triton-on-cpu", lambda w, t: (_pt(w, t, "runtime.attn_implementation=triton"), {"TRITON_INTERPRET": "0"})),
     ("train-unknown-backend", lambda w, t: _pt(w, t, "runtime.attn_implementation=flash")),
