@@ -19,7 +19,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,serve]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,serve,track]"
 	@touch $(STAMP)
 
 test: install

@@ -223,7 +223,13 @@ class LoggingConfig(Section):
     eval_batches: PositiveInt = 20
     """Micro-batches per evaluation."""
     tensorboard: bool = False
-    """Also write TensorBoard event files under RUN/tensorboard."""
+    """Also write TensorBoard event files under RUN/tensorboard (the same as tensorboard in report_to)."""
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+    """Trackers besides metrics.jsonl: tensorboard (RUN/tensorboard), wandb (the doge-cli[track] extra; its
+    project is logging.project, WANDB_MODE=offline logs under RUN/wandb). From the main process only; a
+    --resume continues the same wandb run without repeating its steps."""
+    project: str = "doge"
+    """The wandb project runs are logged to."""
     sample_every: NonNegInt = 0
     """Generate a short sample from sample_prompt every this many steps; 0 never."""
     sample_prompt: str = "Once upon a time"

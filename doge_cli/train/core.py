@@ -44,6 +44,7 @@ from doge_cli.config.schema import StageConfig
 from doge_cli.errors import DogeError
 from doge_cli.io import write_text_atomic
 from doge_cli.train import checkpoint as ckpt
+from doge_cli.train import trackers
 from doge_cli.train.allocator import keep_large_allocations
 from doge_cli.train.collective import gathers_weights_in_forward, stop_together
 from doge_cli.train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_loss_curve
@@ -252,6 +253,7 @@ class Loop:
         self.obj.setup()
         model = self.obj.build_model()
         self._check_attention(model, check_backend_runs, resolve_backend)
+        trackers.check(cfg.logging)
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
@@ -325,8 +327,11 @@ class Loop:
     def run(self, stop_after: int | None) -> TrainResult:
         cfg, acc = self.config, self.acc
         total = self.total_steps()
-        self.logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, tensorboard=cfg.logging.tensorboard,
-                                    total_steps=total, resume_step=self.start_step)
+        names = trackers.wanted(cfg.logging)
+        wandb = {"project": cfg.logging.project, "config": json.loads(cfg.model_dump_json())} \
+            if "wandb" in names else None
+        self.logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, tensorboard="tensorboard" in names,
+                                    total_steps=total, resume_step=self.start_step, wandb=wandb)
         self.logger.message(
             f"{cfg.stage}: {total} optimizer steps x {cfg.train.global_batch_size} sequences "
             f"(micro batch {self.micro} x accumulation {self.accum} x {self.world} process"

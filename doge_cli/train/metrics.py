@@ -1,4 +1,4 @@
-"""Metrics: metrics.jsonl always, a console line (rich on a terminal), TensorBoard on request,
+"""Metrics: metrics.jsonl always, a console line (rich on a terminal), TensorBoard and wandb on request,
 and a loss-curve PNG at the end of a run. Only the main process writes."""
 
 from __future__ import annotations
@@ -62,12 +62,14 @@ def peak_memory_gb(device_type: str) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0):
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0,
+                 wandb: dict[str, Any] | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
+        self._wandb = None
         self._progress = None
         self._task = None
         if not enabled:
@@ -85,6 +87,10 @@ class MetricsLogger:
 
                 raise DogeError("logging.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb is not None:  # {"project": ..., "config": ...} (doge_cli.train.trackers)
+            from doge_cli.train.trackers import WandbTracker
+
+            self._wandb = WandbTracker(self.run_dir, resume_step=resume_step, **wandb)
         if sys.stdout.isatty() and os.environ.get("DOGE_PLAIN_LOGS") != "1":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -112,6 +118,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self._tb.add_scalar(key, value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(record)
         line = format_line(record)
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], line=line)
@@ -131,6 +139,9 @@ class MetricsLogger:
             self._progress.stop()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def format_line(record: dict[str, Any]) -> str:

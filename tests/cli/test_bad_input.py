@@ -352,6 +352,9 @@ CASES = [
              "checkpoint.every=1"), "--resume", str(t / "run" / "checkpoints" / "step-000001")]),
     ("train-resume-changed-config", lambda w, t: [*_pt(w, t, f"output_dir={_run_copy(w, t)}", "checkpoint.every=1",
                                                        "optim.lr=0.1"), "--resume", "auto"]),
+    ("train-unknown-tracker", lambda w, t: _pt(w, t, "logging.report_to=[mlflow]")),
+    ("train-wandb-without-login", lambda w, t: (_pt(w, t, "logging.report_to=[wandb]"),
+                                                {"HOME": str(t), "WANDB_API_KEY": "", "WANDB_MODE": "online"})),
     # -- average ------------------------------------------------------------------------------------
     ("average-no-out", lambda w, t: ["average", "--run", str(w.run), "--last", "2"]),
     ("average-nothing", lambda w, t: ["average", "--out", str(t / "avg")]),
