@@ -16,6 +16,7 @@ no token, or when the hub refuses, the command ends with one line and nothing lo
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import tempfile
@@ -87,23 +88,34 @@ def check_model_dir(model_dir: Path) -> Path:
     return model_dir
 
 
-def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         license: str = "apache-2.0", eval_paths: list[Path] = (), message: str | None = None) -> str:
-    """Upload ``model_dir`` with its model card to ``repo_id``; returns the commit URL."""
-    if not REPO_ID.match(repo_id):
-        raise DogeError(f"--repo {repo_id!r} is not a hub repo id; use OWNER/NAME, e.g. my-user/Doge-20M-Instruct")
-    model_dir = check_model_dir(model_dir)
-    from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+def preflight(repo_id: str, what: str = "--repo") -> str:
+    """The checks before any upload: a valid repo id, hub access allowed, a token; returns the token."""
+    from doge_cli.offline import offline_flags
 
-    if constants.HF_HUB_OFFLINE:
-        raise DogeError("doge push needs the hub, and HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set in your "
-                        "environment; unset it to push")
+    if not REPO_ID.match(repo_id or ""):
+        raise DogeError(f"{what} {repo_id!r} is not a hub repo id; use OWNER/NAME, e.g. my-user/Doge-20M-Instruct")
+    flags = offline_flags()
+    if flags:
+        raise DogeError(f"pushing to the hub needs hub access, and {', '.join(flags)} is set in your environment; "
+                        "unset it to push")
+    from huggingface_hub import get_token
+
     token = get_token()
     if not token:
         raise DogeError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN, then push again")
+    return token
+
+
+def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         license: str = "apache-2.0", eval_paths: list[Path] = (), message: str | None = None) -> str:
+    """Upload ``model_dir`` with its model card to ``repo_id``; returns the commit URL."""
+    token = preflight(repo_id, what="--repo")
+    model_dir = check_model_dir(model_dir)
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
     card = model_card(model_dir, repo_id, license, list(eval_paths))
-    api = HfApi(token=token)
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     with tempfile.TemporaryDirectory(prefix="doge-push-") as tmp:
         staging = Path(tmp) / "model"
         shutil.copytree(model_dir, staging, ignore=lambda _dir, names: [n for n in names if n in SKIP])
@@ -122,11 +134,11 @@ def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str 
                     404: "check the repo id and that you may write to it"}.get(status, "see the hub's message")
             raise DogeError(f"the hub refused the push ({detail}); {hint}") from None
         except (OSError, ConnectionError) as err:
-            raise DogeError(f"cannot reach the hub at {constants.ENDPOINT} ({type(err).__name__}: "
+            raise DogeError(f"cannot reach the hub at {api.endpoint} ({type(err).__name__}: "
                             f"{' '.join(str(err).split())[:160]}); check your connection or HF_ENDPOINT") from None
         except Exception as err:  # httpx transport errors are not OSError subclasses
             if type(err).__module__.startswith("httpx"):
-                raise DogeError(f"cannot reach the hub at {constants.ENDPOINT} ({type(err).__name__}: "
+                raise DogeError(f"cannot reach the hub at {api.endpoint} ({type(err).__name__}: "
                                 f"{' '.join(str(err).split())[:160]}); check your connection or HF_ENDPOINT") from None
             raise
     return str(getattr(info, "commit_url", info))

@@ -4,14 +4,10 @@ logits. Offline, without a token, or refused by the hub: one line, exit 2."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,64 +17,13 @@ import yaml
 from tests.chat.toymodel import make_chat_tokenizer
 
 pytest.importorskip("fastapi")
-from fastapi import FastAPI, Request  # noqa: E402 (module level: the route's annotations must resolve)
-from fastapi.responses import JSONResponse  # noqa: E402
-
-REFUSED = "me/forbidden"
+from tests.hub_standin import REFUSED, standin_hub  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def hub():
-    """A stand-in for the hub's API: records repo creation, branches and commits (files sent inline)."""
-    import uvicorn
-
-    state: dict = {}
-    app = FastAPI()
-
-    @app.api_route("/{path:path}", methods=["GET", "POST"])
-    async def route(path: str, request: Request):
-        body = await request.body()
-        state.setdefault("calls", []).append((request.method, "/" + path))
-        base = str(request.base_url).rstrip("/")
-        if path == "api/repos/create":
-            data = json.loads(body)
-            if f"{data.get('organization')}/{data['name']}" == REFUSED:
-                return JSONResponse({"error": "You don't have the rights to create a model under this namespace"},
-                                    status_code=403)
-            state["create"] = data
-            state["token"] = request.headers.get("authorization")
-            return {"url": f"{base}/{data.get('organization')}/{data['name']}"}
-        if path == "api/validate-yaml":
-            return {"errors": [], "warnings": []}
-        if path.startswith("api/models/") and "/branch/" in path:
-            state["branch"] = path.rsplit("/", 1)[1]
-            return {}
-        if path.startswith("api/models/") and "/preupload/" in path:
-            files = json.loads(body)["files"]
-            return {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-        if path.startswith("api/models/") and "/commit/" in path:
-            state["commit_path"] = path
-            state["files"] = {}
-            for line in body.decode().splitlines():
-                item = json.loads(line)
-                if item["key"] == "file":
-                    state["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
-            return {"commitUrl": f"{base}/{path.split('/')[2]}/{path.split('/')[3]}/commit/{'a' * 40}",
-                    "commitOid": "a" * 40}
-        return JSONResponse({"error": f"not in the stand-in: {request.method} /{path}"}, status_code=404)
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
-    server.should_exit = True
-    thread.join(timeout=10)
+    with standin_hub() as (url, state):
+        yield url, state
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +53,7 @@ def run_dir(tmp_path_factory):
 
 def doge_push(args: list[str], endpoint: str, home: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_TOKEN": "hf_test_token",
-               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", **env}
+               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", **env}
     environ = {k: v for k, v in environ.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "doge_cli", "push", *args], env=environ, capture_output=True,
                           text=True, timeout=300)
@@ -127,8 +72,8 @@ def test_a_push_sends_the_repo_privacy_branch_files_and_a_card(hub, run_dir, tmp
     assert done.stdout.strip() == f"pushed {run} to me/doge-tiny: {url}/me/doge-tiny/commit/{'a' * 40}"
     assert state["create"] == {"name": "doge-tiny", "organization": "me", "visibility": "private"}
     assert state["token"] == "Bearer hf_test_token"
-    assert state["branch"] == "exp" and state["commit_path"] == "api/models/me/doge-tiny/commit/exp"
-    sent = state["files"]
+    assert state["branch"] == "exp" and [c["path"] for c in state["commits"]] == ["api/models/me/doge-tiny/commit/exp"]
+    sent = state["commits"][0]["files"]
     assert set(sent) == {"README.md", "config.json", "generation_config.json", "model.safetensors",
                          "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}  # no doge marker
     card = ModelCard(sent["README.md"].decode())
@@ -147,7 +92,7 @@ def test_a_push_sends_the_repo_privacy_branch_files_and_a_card(hub, run_dir, tmp
 
 
 @pytest.mark.parametrize("case, env, expected", [
-    ("offline", {"HF_HUB_OFFLINE": "1"}, "doge push needs the hub, and HF_HUB_OFFLINE"),
+    ("offline", {"HF_HUB_OFFLINE": "1"}, "pushing to the hub needs hub access, and HF_HUB_OFFLINE is set"),
     ("no-token", {"HF_TOKEN": None}, "no Hugging Face token: log in with `hf auth login` or set HF_TOKEN"),
 ])
 def test_offline_or_without_a_token_nothing_is_sent(hub, run_dir, tmp_path, case, env, expected):
@@ -166,4 +111,4 @@ def test_a_refusal_by_the_hub_is_one_line(hub, run_dir, tmp_path):
     done = doge_push([str(run_dir[0]), "--repo", REFUSED], url, tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert done.stderr.startswith("doge: error: the hub refused the push (") and "403" in done.stderr
-    assert "files" not in state
+    assert "commits" not in state

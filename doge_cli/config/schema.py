@@ -245,6 +245,27 @@ class CheckpointConfig(Section):
     """Keep this many newest checkpoints; older ones are deleted after a new one is complete."""
 
 
+class HubConfig(Section):
+    """Uploading the model to the Hugging Face hub as the run goes (what ``doge push`` does by hand)."""
+
+    push: bool = False
+    """Push the model to hub.repo: needs hub access and a token (checked before training starts). A failed
+    upload is reported and the run goes on; it never stops or changes the run."""
+    repo: str | None = None
+    """OWNER/NAME of the repo (created when missing)."""
+    private: bool = False
+    """Create the repo private."""
+    strategy: Literal["end", "every_save"] = "end"
+    """end: the final model with its model card when the run ends; every_save: also the model at every
+    checkpoint (one commit each)."""
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self):
+        if self.push and not self.repo:
+            raise ValueError("hub.push is true but hub.repo is not set; set hub.repo=OWNER/NAME")
+        return self
+
+
 class StageConfig(Section):
     """Sections every stage shares."""
 
@@ -270,6 +291,8 @@ class StageConfig(Section):
     """Metrics and samples."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoints."""
+    hub: HubConfig = Field(default_factory=HubConfig)
+    """Pushing the model to the Hugging Face hub."""
 
 
 class PretrainConfig(StageConfig):

@@ -53,7 +53,7 @@ from doge_cli.train.schedules import lr_multiplier
 
 RUN_MARKER = "doge_run.json"
 # Settings that may change when a run is resumed; every other one must equal the checkpoint's.
-RESUME_FREE = ("runtime", "logging", "checkpoint", "output_dir", "hardware", "size")
+RESUME_FREE = ("runtime", "logging", "checkpoint", "hub", "output_dir", "hardware", "size")
 SAMPLE_TOKENS = 48  # new tokens of a periodic sample (logging.sample_every)
 
 
@@ -254,6 +254,10 @@ class Loop:
         model = self.obj.build_model()
         self._check_attention(model, check_backend_runs, resolve_backend)
         trackers.check(cfg.logging)
+        if cfg.hub.push:
+            from doge_cli.push import preflight
+
+            preflight(cfg.hub.repo, what="hub.repo")  # offline, no token, a bad id: refused before training
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
@@ -420,6 +424,8 @@ class Loop:
             if self._any_nonfinite():
                 raise DogeError(self._divergence_message(step))
             self._save(step)
+            if self.config.hub.push and self.config.hub.strategy == "every_save" and step < total:
+                self._push_checkpoint(step)
 
     def finish(self, step: int, total: int) -> TrainResult:
         final_dir = None
@@ -427,6 +433,8 @@ class Loop:
             final_dir = self._export()
             if self.acc.is_main_process:
                 plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png")
+                if self.config.hub.push:
+                    self._push(final_dir, f"doge: final model after {step} steps")
         self.acc.wait_for_everyone()
         return TrainResult(self.run_dir, final_dir, step, self.last_loss, self.eval_loss)
 
@@ -606,6 +614,35 @@ class Loop:
         ckpt.save(self.acc, self.run_dir, step, model=self.model, optimizer=self.optimizer,
                   sharded=self._uses_sharded_state(), rank_state={"window": self._window_state()}, state=state,
                   config_yaml=to_yaml(self.config), keep_last=self.config.checkpoint.keep_last)
+
+    def _push(self, folder: Path, message: str) -> None:
+        """Upload a model folder to hub.repo (main process). A failure is said and the run goes on."""
+        from doge_cli.push import push
+
+        hub = self.config.hub
+        try:
+            url = push(folder, hub.repo, private=hub.private, message=message)
+        except Exception as err:  # the hub must never stop or change a run: say it, go on
+            self.logger.message(f"hub push to {hub.repo} failed ({' '.join(str(err).split())[:200]}); the run goes "
+                                f"on (push {folder} later with doge push)")
+            return
+        self.logger.message(f"pushed to {hub.repo}: {url}")
+
+    def _push_checkpoint(self, step: int) -> None:
+        """hub.strategy=every_save: the model as of this checkpoint, as a model folder, to hub.repo."""
+        import tempfile
+
+        from doge_cli.model import DogeForCausalLM, save_pretrained
+
+        full_state = self.acc.get_state_dict(self.model)  # every process: ZeRO-3/FSDP gather here
+        if self.acc.is_main_process:
+            with tempfile.TemporaryDirectory(prefix="doge-hub-") as tmp:
+                export = DogeForCausalLM(self.module.config, attn_implementation="eager")
+                ckpt.load_weights_strictly(export, {k: v.detach().float().cpu() for k, v in full_state.items()},
+                                           where="the weights at this checkpoint")
+                folder = save_pretrained(export, Path(tmp) / "model", tokenizer=self.obj.tokenizer)
+                self._push(folder, f"doge: checkpoint at step {step}")
+        self.acc.wait_for_everyone()
 
     def _export(self) -> Path | None:
         """Write RUN/final as a Hugging Face model folder (full weights gathered under ZeRO-3/FSDP)."""
