@@ -199,11 +199,19 @@ def _chatterbot_dpo(seed: int, n: int | None) -> list[dict]:
     return rows[:n] if n is not None else rows
 
 
+MC_LENGTH_RATIOS = (1.25, 1.5, 2.0, None)  # distractor length within gold x/÷ this, widened when too few
+
+
 def _chatterbot_mc(seed: int, n: int | None) -> list[dict]:
-    """Four-way multiple choice on held-out questions: the reference reply among three others."""
+    """Four-way multiple choice on held-out questions: the reference reply among three others.
+
+    The three others are replies to other questions of about the gold reply's length (within 1.25x
+    either way, widened only when too few are that close): drawn from all replies, they were longer
+    than the gold in most rows (median 54 against 33 characters), and a length-normalised score (acc_norm)
+    then learned to pick the longest reply and scored far below chance."""
     rng = random.Random(seed)
     held = _chat_split(True)
-    pool = [c["turns"][1] for c in _chatterbot()]
+    pool = sorted({c["turns"][1] for c in _chatterbot()})
     rows, seen = [], set()
     for conv in held:
         question, answer = conv["turns"][0], conv["turns"][1]
@@ -211,11 +219,11 @@ def _chatterbot_mc(seed: int, n: int | None) -> list[dict]:
             continue  # several replies to one question would make two right choices
         seen.add(question.lower())
         valid = {c["turns"][1] for c in held if c["turns"][0].lower() == question.lower()}
-        wrong: list[str] = []
-        while len(wrong) < 3:
-            cand = rng.choice(pool)
-            if cand not in valid and cand not in wrong:
-                wrong.append(cand)
+        for ratio in MC_LENGTH_RATIOS:
+            near = [c for c in pool if c not in valid and (ratio is None or 1 / ratio <= len(c) / len(answer) <= ratio)]
+            if len(near) >= 3:
+                break
+        wrong = rng.sample(near, 3)
         label = rng.randrange(4)
         choices = wrong[:label] + [answer] + wrong[label:]
         rows.append({"question": question, "choices": choices, "label": label})

@@ -47,3 +47,37 @@ def test_chatterbot_mc_questions_are_not_trained_on():
     mc = {r["question"].lower() for r in build_builtin_rows("chatterbot-mc")}
     sft = {r["messages"][0]["content"].lower() for r in build_builtin_rows("chatterbot")}
     assert mc and mc.isdisjoint(sft)
+
+
+def test_chatterbot_mc_choices_carry_no_length_signal():
+    """Distractors are about as long as the gold reply, so neither a summed nor a length-normalised score
+    can win by length (drawn from all replies they were longer in most rows, and acc_norm sat at 0.02)."""
+    import statistics
+
+    rows = build_builtin_rows("chatterbot-mc")
+    gold = [len(r["choices"][r["label"]]) for r in rows]
+    others = [len(c) for r in rows for i, c in enumerate(r["choices"]) if i != r["label"]]
+    assert abs(statistics.median(gold) - statistics.median(others)) <= 0.15 * statistics.median(gold)
+    longest = sum(len(r["choices"][r["label"]]) == max(map(len, r["choices"])) for r in rows) / len(rows)
+    shortest = sum(len(r["choices"][r["label"]]) == min(map(len, r["choices"])) for r in rows) / len(rows)
+    assert longest <= 0.35 and shortest <= 0.35  # 0.25 each if length said nothing
+    for r in rows:
+        answer = len(r["choices"][r["label"]])
+        assert sum(1 / 2 <= len(c) / answer <= 2 for c in r["choices"]) >= 3  # nearly all within 2x
+
+
+def test_acc_norm_is_the_per_character_log_probability_choice():
+    """The acc_norm doge eval reports: the choice with the highest log-probability per character (the
+    leading space counted), checked by hand on choices of different lengths."""
+    from lighteval.models.model_output import ModelResponse
+    from lighteval.tasks.requests import Doc
+
+    from doge_cli.eval.tasks import _acc_norm
+
+    doc = Doc(task_name="t", query="Q", choices=[" short", " a much longer answer"], gold_index=1)
+    # per character: -3/6 = -0.5 against -8/21 = -0.381: the longer choice wins though its sum is lower
+    response = ModelResponse(logprobs=[-3.0, -8.0], output_tokens=[[1], [2, 3, 4]])
+    metric = _acc_norm()
+    assert metric.sample_level_fn.compute(doc=doc, model_response=response) == 1
+    response = ModelResponse(logprobs=[-3.0, -11.0], output_tokens=[[1], [2, 3, 4]])  # -11/21 = -0.524 < -0.5
+    assert metric.sample_level_fn.compute(doc=doc, model_response=response) == 0
