@@ -18,6 +18,7 @@ from doge_cli.cli import push as push_cmd
 from doge_cli.cli import report as report_cmd
 from doge_cli.cli import serve as serve_cmd
 from doge_cli.cli import train as train_cmd
+from doge_cli.cli import upcycle as upcycle_cmd
 from doge_cli.errors import DogeError
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app = typer.Typer(
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(train_cmd.app, name="train")
 app.command("average")(average_cmd.average)
+app.command("upcycle")(upcycle_cmd.upcycle)
 app.command("eval")(eval_cmd.eval_models)
 app.command("chat")(chat_cmd.chat)
 app.command("serve")(serve_cmd.serve)

@@ -125,6 +125,12 @@ def _run_copy(w, t: Path, damage=None) -> Path:
     return run_dir
 
 
+def _moe(w, t: Path) -> Path:
+    from doge_cli.model.upcycle import upcycle
+
+    return upcycle(str(w.model), t / "moe", num_experts=16, experts_per_token=4)
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -358,6 +364,18 @@ CASES = [
     ("train-unknown-tracker", lambda w, t: _pt(w, t, "logging.report_to=[mlflow]")),
     ("train-wandb-without-login", lambda w, t: (_pt(w, t, "logging.report_to=[wandb]"),
                                                 {"HOME": str(t), "WANDB_API_KEY": "", "WANDB_MODE": "online"})),
+    # -- upcycle ------------------------------------------------------------------------------------
+    ("upcycle-not-square", lambda w, t: ["upcycle", str(w.model), "--num-experts", "20", "--out", str(t / "moe")]),
+    ("upcycle-topk-above-experts", lambda w, t: ["upcycle", str(w.model), "--num-experts", "16",
+                                                 "--experts-per-token", "17", "--out", str(t / "moe")]),
+    ("upcycle-bad-init", lambda w, t: ["upcycle", str(w.model), "--num-experts", "16", "--experts-per-token", "4",
+                                       "--init", "kaiming", "--out", str(t / "moe")]),
+    ("upcycle-missing-model", lambda w, t: ["upcycle", str(t / "none"), "--out", str(t / "moe")]),
+    ("upcycle-no-out", lambda w, t: ["upcycle", str(w.model)]),
+    ("upcycle-already-moe", lambda w, t: ["upcycle", str(_moe(w, t)), "--num-experts", "16", "--experts-per-token",
+                                          "4", "--out", str(t / "again")]),
+    ("upcycle-out-foreign", lambda w, t: ["upcycle", str(w.model), "--num-experts", "16", "--experts-per-token", "4",
+                                          "--out", str(_foreign(t))]),
     # -- average ------------------------------------------------------------------------------------
     ("average-no-out", lambda w, t: ["average", "--run", str(w.run), "--last", "2"]),
     ("average-nothing", lambda w, t: ["average", "--out", str(t / "avg")]),
