@@ -185,6 +185,10 @@ class TrainConfig(Section):
     processes). The hardware preset picks the micro batch; accumulation is derived from this."""
     seed: int = 233
     """Seed for initialisation, data order and sampling."""
+    moe_warmup_steps: NonNegInt = 0
+    """For a CDMoE model made by doge upcycle: during the first this many optimizer steps only the router
+    and expert embeddings train (every other tensor stays exactly as it is, and the optimizer keeps no
+    state for it), then every tensor trains, in the same run."""
 
     @model_validator(mode="after")
     def _check_length(self) -> TrainConfig:

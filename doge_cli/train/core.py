@@ -235,6 +235,7 @@ class Loop:
         self.finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
         self.logger: MetricsLogger | None = None
         self.notes: list[str] = []  # said once at the start of the run (console and log): hardware, attention
+        self.frozen_in_warmup: list[torch.nn.Parameter] = []  # what train.moe_warmup_steps keeps still
         self._logged_attention: str | None = None  # the backend named in metrics.jsonl so far
 
     def say(self, text: str) -> None:
@@ -254,6 +255,7 @@ class Loop:
         model = self.obj.build_model()
         self._check_attention(model, check_backend_runs, resolve_backend)
         trackers.check(cfg.logging)
+        self._setup_moe_warmup(model)
         if cfg.hub.push:
             from doge_cli.push import preflight
 
@@ -311,6 +313,44 @@ class Loop:
             return cfg.train.max_steps
         batches = max(1, math.ceil(cfg.train.num_epochs * len(self.obj.train_data) / cfg.train.global_batch_size))
         return batches * self.obj.steps_per_batch
+
+    def _setup_moe_warmup(self, model) -> None:
+        """train.moe_warmup_steps: check the model and the launcher allow it; note what stays frozen."""
+        from doge_cli.model.upcycle import NEW_TENSORS
+
+        cfg = self.config
+        steps = cfg.train.moe_warmup_steps
+        config = getattr(model, "config", None)
+        if steps:
+            if not getattr(config, "is_moe", False):
+                raise DogeError("train.moe_warmup_steps needs a CDMoE model; make one from a dense model with "
+                                "`doge upcycle MODEL --out DIR` and train from it (init_from=DIR)")
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or \
+                    os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                raise DogeError("train.moe_warmup_steps works on one process or under DDP; DeepSpeed and FSDP "
+                                "step inside their own engine, where the dense tensors cannot be held still")
+            self.frozen_in_warmup = [p for name, p in model.named_parameters()
+                                     if not name.endswith(NEW_TENSORS)]
+            self.notes.append(f"MoE warm-up: steps 1-{steps} train only the router and expert embeddings, then "
+                              "every tensor trains")
+        init = getattr(cfg, "init_from", None)
+        record = Path(str(init)) / "upcycling.json" if init else None
+        if config is not None and getattr(config, "is_moe", False) and record is not None and record.is_file():
+            self._check_continuation_lr(record)
+
+    def _check_continuation_lr(self, record: Path) -> None:
+        """Say when continuing an upcycled model at a learning rate far above the dense run's (small-doge
+        issue #135: restarting MoE continuation at a high rate ended in a collapsed loss)."""
+        import yaml
+
+        source = Path(json.loads(record.read_text(encoding="utf-8")).get("upcycled_from", ""))
+        dense_config = source.parent / "config.yaml" if source.name == "final" else None
+        if dense_config is None or not dense_config.is_file():
+            return
+        dense_lr = ((yaml.safe_load(dense_config.read_text(encoding="utf-8")) or {}).get("optim") or {}).get("lr")
+        if isinstance(dense_lr, (int, float)) and self.config.optim.lr > 2 * dense_lr:
+            self.notes.append(f"optim.lr {self.config.optim.lr:g} is more than twice the dense run's {dense_lr:g}; "
+                              "continuation training of an upcycled model usually uses at most the dense rate")
 
     def _check_attention(self, model, check_backend_runs, resolve_backend) -> None:
         """Refuse an attention backend that cannot run here before anything is written; on CUDA the
@@ -379,6 +419,9 @@ class Loop:
                 # processes; undo both so the step's gradient is sum / all targets.
                 acc.backward(out.loss_sum * (self.world * self.accum) / n_global)
                 if acc.sync_gradients:
+                    if step < cfg.train.moe_warmup_steps:  # router warm-up: the dense tensors do not move
+                        for param in self.frozen_in_warmup:
+                            param.grad = None  # AdamW skips them: no update, no decay, no state
                     # Under DeepSpeed the engine clipped and stepped inside backward (gradient_clipping is
                     # set from optim.max_grad_norm); this returns the norm of this very step.
                     max_norm = cfg.optim.max_grad_norm or float("inf")
@@ -426,6 +469,9 @@ class Loop:
             self._save(step)
             if self.config.hub.push and self.config.hub.strategy == "every_save" and step < total:
                 self._push_checkpoint(step)
+        warmup = self.config.train.moe_warmup_steps
+        if warmup and step == warmup and step < total:
+            self.logger.message(f"MoE warm-up done after step {step}: every tensor trains from now on")
 
     def finish(self, step: int, total: int) -> TrainResult:
         final_dir = None

@@ -361,6 +361,7 @@ CASES = [
     ("train-hub-push-without-repo", lambda w, t: _pt(w, t, "hub.push=true")),
     ("train-hub-push-offline", lambda w, t: _pt(w, t, "hub.push=true", "hub.repo=me/doge-run")),
     ("train-hub-push-bad-repo", lambda w, t: _pt(w, t, "hub.push=true", "hub.repo=nope")),
+    ("train-moe-warmup-on-a-dense-model", lambda w, t: _pt(w, t, "train.moe_warmup_steps=2")),
     ("train-unknown-tracker", lambda w, t: _pt(w, t, "logging.report_to=[mlflow]")),
     ("train-wandb-without-login", lambda w, t: (_pt(w, t, "logging.report_to=[wandb]"),
                                                 {"HOME": str(t), "WANDB_API_KEY": "", "WANDB_MODE": "online"})),
