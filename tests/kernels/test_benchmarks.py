@@ -54,3 +54,14 @@ def test_gpu_check_smoke(capsys):
     assert "last losses 0.00% apart across backends" in out
     assert "launch configs:" in out  # the kernel part names the launch configuration it used
     assert "ZeRO-2) vs" in out and "median speed ratio over all rows" in out
+
+
+def test_moe_step_benchmark_quick(capsys):
+    """benchmarks/moe_step.py end to end at the 1M size: both stacks, the same first loss (same weights)."""
+    assert _load("moe_step").main(["--quick", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("|") for line in out.splitlines() if line.startswith(("| 64 (8)", "| dense"))]
+    assert len(rows) == 2
+    for cells in rows:
+        ref, ours = cells[-2].strip().split(" / ")
+        assert ref == ours  # identical first loss: same weights, same loss, router loss included

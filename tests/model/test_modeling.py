@@ -20,6 +20,10 @@ SCENARIOS = {
     # CDMoE with a weighted router aux loss, top-k active.
     "moe_topk": (dict(is_moe=True, num_experts=16, num_experts_per_tok=4, router_aux_loss_coef=0.01,
                       keep_window_size=8), "none"),
+    # More keys than experts per token: doge searches only the top-k keys of each half (transformers all
+    # of them), and factorises the router loss's probabilities. (Not padded: the router's split mixes
+    # tokens, so real tokens' routing sees the pad positions, whose outputs differ by contract.)
+    "moe_many_keys": (dict(is_moe=True, num_experts=256, num_experts_per_tok=6, router_aux_loss_coef=0.05), "none"),
 }
 
 
@@ -305,3 +309,35 @@ def test_the_probe_runs_forward_and_backward_under_no_grad_and_inference_mode():
         _run_once(torch.device("cpu"), 16, torch.float32)
     with torch.inference_mode():
         _run_once(torch.device("cpu"), 16, torch.float32)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_the_factorised_router_loss_equals_the_explicit_one(masked):
+    """router_aux_loss computes the mean routing probability as outer products of the two key softmaxes;
+    here against the explicit (tokens x experts) scatter of the softmax over all pairs, padding excluded."""
+    import math
+
+    import torch.nn.functional as F
+
+    from doge_cli.model.modeling import router_aux_loss
+
+    config = tiny_config(is_moe=True, num_experts=64, num_experts_per_tok=5)
+    gen = torch.Generator().manual_seed(3)
+    logits = [torch.randn(2, 2 * 7, 8, generator=gen) for _ in range(3)]  # 3 layers, batch 2 x 7 tokens
+    mask = torch.ones(2, 7, dtype=torch.long)
+    if masked:
+        mask[0, :3] = 0
+    keys, top_k, n = math.isqrt(64), 5, 64
+    picks, probs = [], []
+    for layer in logits:
+        (sx, sy), (ix, iy) = layer.topk(keys, dim=-1)
+        scores = (sx[:, :, None] + sy[:, None, :]).flatten(-2)
+        idx = (ix[:, :, None] * keys + iy[:, None, :]).flatten(-2)
+        picks.append(idx.gather(-1, scores.topk(top_k, dim=-1).indices))
+        probs.append(torch.zeros_like(scores).scatter(-1, idx, F.softmax(scores, dim=-1)))
+    real = mask.bool().reshape(-1).repeat(3)
+    picks, probs = torch.cat(picks)[real].reshape(-1), torch.cat(probs)[real]
+    counts = torch.zeros(n).scatter_add_(0, picks, torch.ones(picks.numel()))
+    want = (counts / picks.numel() * probs.mean(0)).sum() * n
+    got = router_aux_loss(logits, config, mask if masked else None)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
