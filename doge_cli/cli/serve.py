@@ -70,6 +70,9 @@ def serve(
     app = create_app(lm, tok, served_name=served_name or model, api_key=api_key, max_batch=max_batch,
                      max_new_tokens=max_new_tokens, ui=not no_ui, worker=worker)
 
+    # asyncio warns "socket.send() raised exception." when a response is still being written to a client
+    # that has gone away; the request's own log line already says so ("cancelled: the client went away").
+    logging.getLogger("asyncio").addFilter(_GoneClientFilter())
     log = logging.getLogger("doge")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
@@ -118,6 +121,11 @@ def _run(server, sock: socket.socket, worker, announce) -> None:
         sock.close()
     if not stopped and not server.started:
         raise DogeError("the HTTP server stopped before it started; see the messages above")
+
+
+class _GoneClientFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "socket.send() raised exception."
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -25,3 +25,18 @@ def test_a_taken_port_is_one_line(capsys, tmp_path):
     assert code == 2
     assert err.strip().splitlines() == [f"doge: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
                                         "pick another with --port (0: any free port)"]
+
+
+def test_asyncios_gone_client_warning_is_dropped_and_nothing_else():
+    """Writes to a client that went away make asyncio warn 'socket.send() raised exception.'; the request's
+    own log line says it (cancelled: the client went away), so doge serve drops that one message only."""
+    import logging
+
+    from doge_cli.cli.serve import _GoneClientFilter
+
+    def record(message):
+        return logging.LogRecord("asyncio", logging.WARNING, __file__, 1, message, None, None)
+
+    keep = _GoneClientFilter()
+    assert not keep.filter(record("socket.send() raised exception."))
+    assert keep.filter(record("Task exception was never retrieved"))

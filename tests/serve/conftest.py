@@ -92,6 +92,17 @@ def wait_for_log(server: Server, count: int, timeout: float = 60) -> list[str]:
     raise AssertionError(f"the server logged {len(server.log_lines())} lines, expected {count}")
 
 
+def wait_for_line(server: Server, after: int, contains: str, timeout: float = 60) -> str:
+    """The first log line after line ``after`` that contains ``contains``, once it is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.log_lines()[after:]:
+            if contains in line:
+                return line
+        time.sleep(0.05)
+    raise AssertionError(f"the server logged no line with {contains!r} after line {after}")
+
+
 def log_mark(server: Server, timeout: float = 60) -> int:
     """The number of log lines up to a marker request of this call's own (a 404 for a made-up model
     name, which the log line names), so that lines after it belong to requests made after it: a request

@@ -8,7 +8,7 @@ import threading
 import httpx
 import pytest
 
-from .conftest import API_KEY, CONTEXT, log_mark, wait_for_log
+from .conftest import API_KEY, CONTEXT, log_mark, wait_for_line, wait_for_log
 
 openai = pytest.importorskip("openai")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -244,7 +244,7 @@ def test_a_client_that_goes_away_frees_its_slot(served):
         for line in response.iter_lines():
             if '"content":"' in line and '"content":""' not in line:
                 break  # the first generated text arrived: hang up
-    line = wait_for_log(served, before + 1)[before]
+    line = wait_for_line(served, before, "/v1/chat/completions")
     assert line.split()[1:4] == ["POST", "/v1/chat/completions", "200"]
     assert int(line.split()[4]) < 4000 and "client went away" in line
     # the server goes on serving

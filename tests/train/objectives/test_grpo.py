@@ -151,33 +151,50 @@ def test_rollout_mask_and_per_token_logps_equal_trl(grpo_data, chat_root, tmp_pa
     from doge_cli.model import save_pretrained
 
     g, max_len = 4, 12
-    obj = objective(grpo_data, chat_root / "start", tmp_path, **{"grpo.temperature": temperature,
-                                                                  "grpo.num_iterations": 2})
-    model = obj.build_model()
-    stops = model.config.eos_token_id
-    assert isinstance(stops, list) and len(stops) == 2  # end-of-turn and end-of-text
-    # A random tiny model almost never samples a stop token: raise both stop logits along the mean final
-    # hidden state so that some completions end early (with either stop id) and others run to the limit.
-    with torch.no_grad():
-        ids = torch.randint(6, len(obj.tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
-        mean = model(ids, return_hidden_states=True).hidden_states.reshape(-1, model.config.hidden_size).mean(0)
-        for stop in stops:
-            model.lm_head.weight[stop] += 1.0 * mean / mean.norm() ** 2
-    obj.after_prepare(model, Accelerator(cpu=True))
-    part = obj.train_data[:2]
-    examples = [{**dict(zip(part, vals)), "_row": i} for i, vals in enumerate(zip(*part.values()))]
-    (batch,) = obj.prepare_step(model, [obj.collate(examples)])
+
+    def rollout(seed: int):
+        obj = objective(grpo_data, chat_root / "start", tmp_path / f"seed-{seed}", **{
+            "grpo.temperature": temperature, "grpo.num_iterations": 2, "train.seed": seed})
+        model = obj.build_model()
+        stops = model.config.eos_token_id
+        assert isinstance(stops, list) and len(stops) == 2  # end-of-turn and end-of-text
+        # A random tiny model almost never samples a stop token: raise both stop logits along the mean final
+        # hidden state so that some completions end early (with either stop id) and others run to the limit.
+        with torch.no_grad():
+            ids = torch.randint(6, len(obj.tokenizer), (4, 32), generator=torch.Generator().manual_seed(0))
+            mean = model(ids, return_hidden_states=True).hidden_states.reshape(-1, model.config.hidden_size).mean(0)
+            for stop in stops:
+                model.lm_head.weight[stop] += 1.0 * mean / mean.norm() ** 2
+        obj.after_prepare(model, Accelerator(cpu=True))
+        part = obj.train_data[:2]
+        examples = [{**dict(zip(part, vals)), "_row": i} for i, vals in enumerate(zip(*part.values()))]
+        (batch,) = obj.prepare_step(model, [obj.collate(examples)])
+        return obj, model, stops, examples, batch
+
+    def covers(batch, stops) -> bool:
+        """The rollout has completions cut at the limit and completions that stopped early (at T=0.7 with
+        each stop id): the cases the comparison must see."""
+        mask = batch["completion_mask"]
+        lengths = mask.sum(1)
+        if mask.shape != (2 * g, max_len) or not ((lengths == max_len).any() and (lengths < max_len).any()):
+            return False
+        completion = batch["input_ids"][:, batch["prompt_length"]:]
+        ends = {int(completion[i, n - 1]) for i, n in enumerate(lengths.tolist()) if n < max_len}
+        return temperature != 0.7 or ends == set(stops)
+
+    # Seeded rollouts are reproducible, but a chain of sampled tokens turns on the last bits of the logits,
+    # which can differ with the process's earlier history (allocation, and so alignment, inside BLAS): the
+    # first train seed whose rollout covers the cases is used (233, the default, did on this machine).
+    tried = []
+    for seed in (233, 234, 235, 236, 237, 238):
+        obj, model, stops, examples, batch = rollout(seed)
+        tried.append(batch["completion_mask"].sum(1).tolist())
+        if covers(batch, stops):
+            break
+    else:
+        raise AssertionError(f"no seeded rollout covered the cases; completion lengths: {tried}")
     P, mask = batch["prompt_length"], batch["completion_mask"]
     completion = batch["input_ids"][:, P:]
-    lengths = mask.sum(1)
-    # The seeded rollout must cover the cases (if the sampler changes, re-tune the 1.0 above):
-    # completions cut at the limit, and completions that stopped early, at T=0.7 with each stop id
-    # (tuned for rollouts seeded per micro-batch from (train.seed, step, first row)).
-    assert mask.shape == (2 * g, max_len), mask.shape
-    assert (lengths == max_len).any() and (lengths < max_len).any(), lengths
-    if temperature == 0.7:
-        ends = {int(completion[i, n - 1]) for i, n in enumerate(lengths.tolist()) if n < max_len}
-        assert ends == set(stops), ends
 
     twin = save_pretrained(model, tmp_path / "twin", tokenizer=obj.tokenizer)
     hf = AutoModelForCausalLM.from_pretrained(twin)
