@@ -102,21 +102,20 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
         service.check_model(name)
         return service.model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        job = service.chat_job(body)
-        if body.stream:
+    async def respond(job, request: Request):
+        """Server-sent events when the request streams, else one JSON body."""
+        if job.body.stream:
             return StreamingResponse(service.stream(job, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await service.complete(job, request)
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(service.chat_job(body), request)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        job = service.completion_job(body)
-        if body.stream:
-            return StreamingResponse(service.stream(job, request), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await service.complete(job, request)
+        return await respond(service.completion_job(body), request)
 
     if ui:
         page = _page(served_name, api_key is not None, max_new_tokens, service.context)
