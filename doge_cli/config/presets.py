@@ -163,10 +163,14 @@ def activation_bytes_per_sequence(model: dict[str, Any], seq_len: int, checkpoin
 
 
 def parameter_estimate(model: dict[str, Any]) -> int:
-    """Rough parameter count (no bias terms) used only for memory planning."""
+    """Rough parameter count (no bias terms) used only for memory planning; a CDMoE model adds
+    2·E·H (the experts' two embeddings) + 2·√E·H (the product-key router) per layer."""
     h, ff, layers = model["hidden_size"], model["intermediate_size"], model["num_hidden_layers"]
     kv = h // model["num_attention_heads"] * model["num_key_value_heads"]
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * ff
+    if model.get("is_moe"):
+        experts = model["num_experts"]
+        per_layer += 2 * experts * h + 2 * math.isqrt(experts) * h
     emb = model["vocab_size"] * h * (1 if model.get("tie_word_embeddings", True) else 2)
     return layers * per_layer + emb
 

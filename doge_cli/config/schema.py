@@ -118,6 +118,26 @@ class ModelConfig(Section):
         fields["rope_parameters"] = rope
         return fields
 
+    @classmethod
+    def from_hf(cls, hf_config: Any) -> ModelConfig | None:
+        """This section as it describes a loaded model's ``DogeConfig`` (the inverse of ``to_hf_dict``);
+        None when the config lacks a field (a legacy small-doge layout), so nothing is guessed."""
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
+        fields: dict[str, Any] = {}
+        for name in cls.model_fields:
+            if name in ("rope_theta", "rope_scaling"):
+                continue
+            if not hasattr(hf_config, name):
+                return None
+            fields[name] = getattr(hf_config, name)
+        if theta is None:
+            return None
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        fields["rope_theta"] = theta
+        fields["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        return cls(**fields)
+
 
 class DataConfig(Section):
     """Where training data comes from and how batches are shaped."""

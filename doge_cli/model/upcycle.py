@@ -30,6 +30,7 @@ import torch
 from doge_cli.errors import DogeError
 
 INITS = ("zero", "normal")
+ROUTER_AUX_LOSS_COEF = 0.001  # transformers' DogeConfig default, which small-doge's MoE recipes use
 NEW_TENSORS = ("mlp.router_gate.weight", "mlp.down_embed.weight", "mlp.up_embed.weight")
 
 
@@ -54,8 +55,12 @@ def added_parameters(config, num_experts: int) -> int:
 
 
 def upcycle(dense: str, out: str | Path, *, num_experts: int, experts_per_token: int, init: str = "zero",
-            seed: int = 0):
-    """Write the CDMoE model upcycled from the dense model ``dense`` (folder or hub id) to ``out``."""
+            seed: int = 0, router_aux_loss_coef: float = ROUTER_AUX_LOSS_COEF):
+    """Write the CDMoE model upcycled from the dense model ``dense`` (folder or hub id) to ``out``.
+
+    ``router_aux_loss_coef`` weights the router's load-balancing loss in continuation training; the
+    default 0.001 is transformers' ``DogeConfig`` default, which small-doge's MoE recipes train with
+    (a dense model's config carries 0)."""
     from transformers import AutoTokenizer, DogeConfig
 
     from doge_cli.io import check_replaceable
@@ -65,12 +70,15 @@ def upcycle(dense: str, out: str | Path, *, num_experts: int, experts_per_token:
     if init not in INITS:
         raise DogeError(f"unknown --init {init!r}; choose zero (the dense function exactly) or normal")
     check_experts(num_experts, experts_per_token)
+    if not (math.isfinite(router_aux_loss_coef) and router_aux_loss_coef >= 0):
+        raise DogeError(f"--router-aux-loss-coef must be a finite number >= 0, got {router_aux_loss_coef}")
     check_replaceable(out, "--out")
     model = load_model(dense, attn_implementation="eager", dtype=torch.float32, allow_legacy=False)
     if model.config.is_moe:
         raise DogeError(f"{dense} is already a CDMoE model ({model.config.num_experts} experts); upcycle a dense one")
     fields = model.config.to_dict()
-    fields.update(is_moe=True, num_experts=num_experts, num_experts_per_tok=experts_per_token)
+    fields.update(is_moe=True, num_experts=num_experts, num_experts_per_tok=experts_per_token,
+                  router_aux_loss_coef=router_aux_loss_coef)
     for key in ("architectures", "transformers_version", "model_type"):
         fields.pop(key, None)
     config = DogeConfig(**fields)
@@ -95,5 +103,5 @@ def upcycle(dense: str, out: str | Path, *, num_experts: int, experts_per_token:
     if (folder / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(folder)
     record = {"upcycled_from": str(dense), "num_experts": num_experts, "experts_per_token": experts_per_token,
-              "init": init, "seed": seed, "added_parameters": added_parameters(config, num_experts)}
+              "init": init, "seed": seed, "router_aux_loss_coef": router_aux_loss_coef, "added_parameters": added_parameters(config, num_experts)}
     return save_pretrained(moe, out, tokenizer=tokenizer, extra_files={"upcycling.json": json.dumps(record, indent=2)})

@@ -253,6 +253,7 @@ class Loop:
         random.seed(cfg.train.seed)
         self.obj.setup()
         model = self.obj.build_model()
+        self._record_start_model(model)
         self._check_attention(model, check_backend_runs, resolve_backend)
         trackers.check(cfg.logging)
         self._setup_moe_warmup(model)
@@ -313,6 +314,25 @@ class Loop:
             return cfg.train.max_steps
         batches = max(1, math.ceil(cfg.train.num_epochs * len(self.obj.train_data) / cfg.train.global_batch_size))
         return batches * self.obj.steps_per_batch
+
+    def _record_start_model(self, model) -> None:
+        """With init_from the model's shape is the start model's, not the size preset's: the run's
+        config.yaml (and ``doge report``) record what was loaded, e.g. an upcycled CDMoE model."""
+        from doge_cli.config.schema import ModelConfig
+
+        if getattr(self.config, "init_from", None):
+            loaded = ModelConfig.from_hf(getattr(model, "config", None))
+            if loaded is None:
+                return
+            planned = self.config.model
+            if planned.is_moe and (planned.is_moe, planned.num_experts, planned.num_experts_per_tok) != \
+                    (loaded.is_moe, loaded.num_experts, loaded.num_experts_per_tok):
+                self.notes.append(f"the config plans a CDMoE model with {planned.num_experts} experts, top "
+                                  f"{planned.num_experts_per_tok}, but {self.config.init_from} has "
+                                  + (f"{loaded.num_experts}, top {loaded.num_experts_per_tok}" if loaded.is_moe
+                                     else "no experts") + "; the loaded model trains (memory was planned for "
+                                  "the config's)")
+            self.config.model = loaded
 
     def _setup_moe_warmup(self, model) -> None:
         """train.moe_warmup_steps: check the model and the launcher allow it; note what stays frozen."""

@@ -55,6 +55,7 @@ def test_zero_init_computes_the_dense_function_exactly(dense, tmp_path):
     assert torch.equal(logits(out), logits(dense))
     config = json.loads((out / "config.json").read_text())
     assert config["is_moe"] is True and config["num_experts"] == 64 and config["num_experts_per_tok"] == 8
+    assert config["router_aux_loss_coef"] == 0.001  # transformers' default, not the dense model's 0
     assert (out / "tokenizer.json").is_file() and (out / "chat_template.jinja").is_file()
 
 
@@ -76,7 +77,8 @@ def test_transformers_loads_it_with_the_same_logits_as_doge(dense, tmp_path, cap
                               "--init", "normal", "--out", str(tmp_path / "moe"))
     assert code == 0, err
     assert out.strip() == (f"upcycled {dense} into {tmp_path / 'moe'}: 2 layers x 64 experts, top 8, "
-                           f"{2 * (2 * 64 * 32 + 2 * 8 * 32):,} parameters added, init normal")
+                           f"{2 * (2 * 64 * 32 + 2 * 8 * 32):,} parameters added, init normal, "
+                           "router aux loss coefficient 0.001")
     assert torch.allclose(logits(tmp_path / "moe", hf=True), logits(tmp_path / "moe"), atol=1e-5, rtol=1e-5)
 
 
@@ -86,6 +88,16 @@ def test_counts_it_cannot_route_are_refused():
     with pytest.raises(DogeError, match="must be between 1 and --num-experts"):
         check_experts(16, 17)
     assert check_experts(16384, 32) == 128
+
+
+def test_the_router_loss_weight_is_set_and_checked(dense, tmp_path, capsys):
+    out = upcycle(str(dense), tmp_path / "moe", num_experts=16, experts_per_token=4, router_aux_loss_coef=0.01)
+    assert json.loads((out / "config.json").read_text())["router_aux_loss_coef"] == 0.01
+    assert json.loads((out / "upcycling.json").read_text())["router_aux_loss_coef"] == 0.01
+    code, _, err = run_doge(capsys, "upcycle", str(dense), "--num-experts", "16", "--experts-per-token", "4",
+                            "--router-aux-loss-coef", "-1", "--out", str(tmp_path / "bad"))
+    assert code == 2 and err.strip() == "doge: error: --router-aux-loss-coef must be a finite number >= 0, got -1.0"
+    assert not (tmp_path / "bad").exists()
 
 
 def test_an_moe_model_is_not_upcycled_again(dense, tmp_path):

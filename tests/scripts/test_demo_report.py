@@ -38,3 +38,21 @@ def test_verdicts(tmp_path, monkeypatch, capsys, ppl, sft_loss, code):
     assert rc == code
     assert ("NOT MET" in out) == (code == 1)
     assert f"pretrained {ppl:,.1f} vs unigram 10,000.0" in out
+
+
+def fake_run(folder, records):
+    folder.mkdir(parents=True)
+    (folder / "doge_run.json").write_text(json.dumps({"stage": "pt"}))
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_moe_continuation_is_reported_against_the_dense_one(tmp_path):
+    runs = tmp_path / "runs"
+    assert demo_report.continuation_figure(runs) is None  # the demo did not run it: nothing to say
+    fake_run(runs / "pt-moe", [{"step": 40, "loss": 4.3, "tokens_per_s": 5000.0},
+                               {"step": 80, "loss": 4.2, "eval_loss": 4.2141, "tokens_per_s": 5400.0},
+                               {"step": 80, "tokens_per_s": 100.0}])
+    fake_run(runs / "pt-dense", [{"step": 80, "loss": 4.1, "eval_loss": 4.2062, "tokens_per_s": 8800.0}])
+    line = demo_report.continuation_figure(runs)
+    assert line == ("  dense -> MoE continuation, 80 steps: held-out loss upcycled MoE 4.2141 vs dense 4.2062 "
+                    "nats/token (+0.0079); 5,000 vs 8,800 tokens/s  (reported, no verdict)")

@@ -74,6 +74,23 @@ def test_only_the_experts_train_during_the_warmup_then_everything(pt_data, upcyc
     assert len(later["state"]) > len(experts)
 
 
+def test_the_run_records_the_loaded_moe_model_and_logs_the_router_loss(pt_data, upcycled, tmp_path):
+    import json
+
+    import yaml
+
+    out = tmp_path / "run"
+    run(pt_data, str(upcycled), out)
+    model = yaml.safe_load((out / "config.yaml").read_text())["model"]
+    # the start model's shape, not the size preset's dense one
+    assert (model["is_moe"], model["num_experts"], model["num_experts_per_tok"], model["hidden_size"]) == \
+        (True, 16, 4, 32)
+    assert model["router_aux_loss_coef"] == 0.001
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    aux = [r["aux_loss"] for r in records if "aux_loss" in r]
+    assert len(aux) == STEPS and all(0 < a < 0.01 for a in aux)  # coefficient x a loss of order 1
+
+
 @pytest.mark.parametrize("stop_after", [1, 3])  # inside the warm-up, and after it
 def test_a_resume_across_the_boundary_equals_the_straight_run(pt_data, upcycled, tmp_path, stop_after):
     run(pt_data, str(upcycled), tmp_path / "straight")
