@@ -19,7 +19,9 @@ start=$(date +%s)
 
 run() {
     printf '\n\033[1;36m$ doge %s\033[0m\n' "$*"
+    local began=$(date +%s)
     "$DOGE" "$@"
+    printf '\033[2m(%s s)\033[0m\n' "$(( $(date +%s) - began ))"
 }
 
 echo "doge demo in $DEMO_DIR (offline; builtin data; tiny recipes from $ROOT/configs/quickstart)"
@@ -49,9 +51,11 @@ run train pt "$ROOT/configs/quickstart/pt-moe.yaml" init_from=./runs/quickstart/
 
 # 4. Evaluate every stage on the builtin held-out tasks, side by side, then ask the final model.
 # (--max-samples keeps the demo short; drop it for the full held-out sets.)
-run eval --model ./runs/quickstart/pt/final --model ./runs/quickstart/dpo/final \
-    --model ./runs/quickstart/grpo/final --tasks builtin --max-samples 100 \
-    --datasets-dir ./datasets --output-dir ./eval
+# The stage tasks measure what each stage is for: assistant-token loss (SFT), preference accuracy and
+# DPO's implicit reward against the SFT model (DPO), maths format and reward (R1 distillation, GRPO).
+run eval --model ./runs/quickstart/pt/final --model ./runs/quickstart/sft/final --model ./runs/quickstart/dpo/final \
+    --model ./runs/quickstart/r1-sft/final --model ./runs/quickstart/grpo/final --tasks builtin,stages \
+    --reference ./runs/quickstart/sft/final --max-samples 100 --datasets-dir ./datasets --output-dir ./eval
 run chat ./runs/quickstart/dpo/final --prompt "What is your favorite book?" --greedy --repetition-penalty 1.3 --max-new-tokens 48
 
 # 5. One report card for the whole pipeline: environment, every stage's figures and settings, the
@@ -60,7 +64,7 @@ run report ./runs/quickstart/pt ./runs/quickstart/sft ./runs/quickstart/dpo ./ru
     ./runs/quickstart/grpo --eval ./eval --out ./report.md --html
 
 # 6. What each stage shows (the script exits 1 when a promised figure is not met).
-"$ROOT/.venv/bin/python" "$ROOT/scripts/demo_report.py" --datasets-dir ./datasets --runs ./runs/quickstart --eval-dir ./eval
+"$ROOT/.venv/bin/python" "$ROOT/scripts/demo_report.py" --runs ./runs/quickstart --eval-dir ./eval
 echo
 echo "report: $DEMO_DIR/report.md (and report.html)"
 echo "demo finished in $(( $(date +%s) - start )) s; everything is under $DEMO_DIR"

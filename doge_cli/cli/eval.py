@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +16,8 @@ def eval_models(
         show_default=False)] = None,
     tasks: Annotated[list[str] | None, typer.Option(
         "--tasks", "-t", help="Tasks or groups, comma-separated or repeated. Groups: builtin (offline: heldout-ppl, "
-        "chatterbot-mc, arithmetic), base (hellaswag, arc:easy, arc:challenge, piqa, mmlu, triviaqa, winogrande, "
+        "chatterbot-mc, arithmetic), stages (offline, one figure per training stage: sft-loss, chat-mc, preference, "
+        "math-reward; on datasets-dir/merged), base (hellaswag, arc:easy, arc:challenge, piqa, mmlu, triviaqa, winogrande, "
         "openbookqa), instruct (ifeval, bbh), reasoning (math-500, aime24, gpqa-diamond); hub tasks need the hub.",
         show_default="builtin")] = None,
     num_fewshot: Annotated[int, typer.Option("--num-fewshot", help="Few-shot examples per prompt "
@@ -36,6 +39,9 @@ def eval_models(
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", help="Tokenizer folder or hub id (default: the one in the model folder).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
+    reference: Annotated[str | None, typer.Option(
+        "--reference", help="The model a DPO run started from (e.g. the SFT model): the preference task adds "
+        "DPO's implicit-reward accuracy and margin against it.", show_default=False)] = None,
 ) -> None:
     """Evaluate models with lighteval and print the results as a table (JSON in --output-dir).
 
@@ -56,12 +62,13 @@ def eval_models(
     pick_device(device)
     for name in model or []:
         results_path(output_dir, name)
-    console = Console(highlight=False)
+    # A file or pipe gets the 100 columns the table is laid out for (rich would use 80).
+    console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 100)
     earlier = [load_results(p) for p in compare or []]
     runs = []
     for name in model or []:
         runs.append(evaluate(name, tasks=tasks, num_fewshot=num_fewshot, datasets_dir=datasets_dir,
                              output_dir=output_dir, max_samples=max_samples, batch_size=batch_size,
                              use_chat_template=chat_template, system_prompt=system, tokenizer=tokenizer,
-                             device=device, log=lambda m: console.print(f"[dim]{m}[/]")))
+                             device=device, reference=reference, log=lambda m: console.print(f"[dim]{m}[/]")))
     console.print(results_table(earlier + runs))

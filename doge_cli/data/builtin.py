@@ -199,30 +199,38 @@ def _chatterbot_dpo(seed: int, n: int | None) -> list[dict]:
     return rows[:n] if n is not None else rows
 
 
-MC_LENGTH_RATIOS = (1.25, 1.5, 2.0, None)  # distractor length within gold x/÷ this, widened when too few
+MC_LENGTH_RATIOS = (1.25, 1.5, 2.0)  # distractor length within gold x/÷ this, widened when too few
 
 
 def _chatterbot_mc(seed: int, n: int | None) -> list[dict]:
     """Four-way multiple choice on held-out questions: the reference reply among three others.
 
-    The three others are replies to other questions of about the gold reply's length (within 1.25x
-    either way, widened only when too few are that close): drawn from all replies, they were longer
-    than the gold in most rows (median 54 against 33 characters), and a length-normalised score (acc_norm)
-    then learned to pick the longest reply and scored far below chance."""
+    The three others are replies to other held-out questions of about the gold reply's length (within
+    1.25x either way, widened to 2x only when too few are that close; a question without three such
+    replies is left out). Two defects made earlier sets score
+    below chance: drawn from all replies, the others were longer than the gold in most rows (median 54
+    against 33 characters), so a length-normalised score (acc_norm) picked them; and drawn from the
+    training replies too, they were text the model had learned while every gold reply was held out, so
+    even summed log-probability (acc) preferred them (0.13-0.17 for every stage). Neither gold nor
+    distractor is now seen in training."""
     rng = random.Random(seed)
     held = _chat_split(True)
-    pool = sorted({c["turns"][1] for c in _chatterbot()})
+    trained = {t for c in _chat_split(False) for t in c["turns"][1:]}
+    pool = sorted({c["turns"][1] for c in held} - trained)
     rows, seen = [], set()
     for conv in held:
         question, answer = conv["turns"][0], conv["turns"][1]
-        if question.lower() in seen:
-            continue  # several replies to one question would make two right choices
+        if question.lower() in seen or answer in trained:
+            continue  # two right choices; or a gold reply the model learned as another question's
         seen.add(question.lower())
         valid = {c["turns"][1] for c in held if c["turns"][0].lower() == question.lower()}
+        near = []
         for ratio in MC_LENGTH_RATIOS:
-            near = [c for c in pool if c not in valid and (ratio is None or 1 / ratio <= len(c) / len(answer) <= ratio)]
+            near = [c for c in pool if c not in valid and 1 / ratio <= len(c) / len(answer) <= ratio]
             if len(near) >= 3:
                 break
+        if len(near) < 3:
+            continue  # no three held-out replies within 2x of this one's length: the length would tell
         wrong = rng.sample(near, 3)
         label = rng.randrange(4)
         choices = wrong[:label] + [answer] + wrong[label:]

@@ -9,6 +9,9 @@ Results file (``<output-dir>/<model-slug>.json``, written atomically)::
                "arithmetic": {"em": ..., "em_stderr": ...}, ...},
      "baselines": {"heldout-ppl": {"unigram": {...same perplexity keys..., "token_perplexity", "tokens"}}}}
 
+Stage tasks (:mod:`doge_cli.eval.stages`) add entries such as ``"preference": {"accuracy": ...,
+"accuracy_stderr": ..., "margin": ..., "samples": n}``; with ``--reference`` the file names it.
+
 A task family (mmlu, bigbench_hard) also gets an entry under its own name: the mean of each metric
 over its subtasks. Comparing (``--model A --model B`` or ``--compare a.json b.json``) lays such
 files side by side.
@@ -123,12 +126,15 @@ def _run_pipeline(lm, tok, model: str, configs: list, names: list[str], *, num_f
 def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0, datasets_dir: Path = Path("datasets"),
              output_dir: Path | None = Path("eval_results"), max_samples: int | None = None, batch_size: int = 8,
              use_chat_template: bool = False, system_prompt: str | None = None, tokenizer: str | None = None,
-             device: str | None = None, log: Callable[[str], None] = lambda _m: None) -> dict:
+             device: str | None = None, reference: str | None = None,
+             log: Callable[[str], None] = lambda _m: None) -> dict:
     """Evaluate ``model`` (folder or hub id) on ``tasks`` (names or groups; default: the builtin tasks).
 
     Returns the results dict (the module docstring shows it) and, with ``output_dir``, writes it to
-    ``<output_dir>/<model-slug>.json``; ``results["path"]`` is that file.
+    ``<output_dir>/<model-slug>.json``; ``results["path"]`` is that file. ``reference`` (a model the
+    evaluated one was tuned from) adds DPO's implicit-reward figures to the ``preference`` task.
     """
+    from doge_cli.eval.stages import STAGE_TASKS, run_stage_task
     from doge_cli.eval.tasks import expand_task_names, task_configs
 
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
@@ -144,11 +150,26 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     if use_chat_template and not tok.chat_template:
         raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
 
-    log(f"importing lighteval and running {', '.join(names)}")
+    ref_model = None
+    if reference is not None and "preference" in names:
+        log(f"loading the reference {reference}")
+        ref_model, _ = load_model_and_tokenizer(reference, tokenizer=tokenizer, device=device)
+
     started = time.perf_counter()
-    pipeline, final = _run_pipeline(lm, tok, model, configs, names, num_fewshot=num_fewshot, max_samples=max_samples,
-                                    batch_size=batch_size, use_chat_template=use_chat_template,
-                                    system_prompt=system_prompt)
+    found: dict = {}
+    baselines: dict = {}
+    if configs:
+        lighteval_names = [n for n in names if n not in STAGE_TASKS]
+        log(f"importing lighteval and running {', '.join(lighteval_names)}")
+        pipeline, final = _run_pipeline(lm, tok, model, configs, lighteval_names, num_fewshot=num_fewshot,
+                                        max_samples=max_samples, batch_size=batch_size,
+                                        use_chat_template=use_chat_template, system_prompt=system_prompt)
+        found.update(_task_results(final))
+        baselines = _baseline(pipeline, tok)
+    for name in (n for n in names if n in STAGE_TASKS):
+        log(f"running {name}")
+        found[name] = run_stage_task(name, lm, tok, datasets_dir=Path(datasets_dir), max_samples=max_samples,
+                                     batch_size=batch_size, reference=ref_model)
     from importlib.metadata import version
 
     from doge_cli import __version__
@@ -161,9 +182,11 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         "use_chat_template": use_chat_template,
         "seconds": round(time.perf_counter() - started, 2),
         "versions": {"doge": __version__, "lighteval": version("lighteval")},
-        "tasks": _in_order(_task_results(final), names),
-        "baselines": _baseline(pipeline, tok),
+        "tasks": _in_order(found, names),
+        "baselines": baselines,
     }
+    if ref_model is not None:
+        results["reference"] = reference
     if output_dir is not None:
         results["path"] = str(save_results(results, Path(output_dir) / f"{model_slug(model)}.json"))
         log(f"results written to {results['path']}")

@@ -34,8 +34,11 @@ def _load_split(data, split: str):
 
 
 def assistant_token_loss(model, data, *, split: str = "test", batch_size: int = 8, max_rows: int | None = None,
-                         device: str | None = None) -> dict:
+                         device: str | None = None, per_row: bool = False) -> dict:
     """``{"loss", "perplexity", "tokens", "rows"}`` of ``model`` on an SFT split.
+
+    With ``per_row`` each conversation is its own batch and ``row_sums``/``row_tokens`` (each row's
+    summed loss and assistant-token count, for a standard error) come with it; the figures are the same.
 
     ``model`` is a folder, hub id or loaded :class:`~doge_cli.model.DogeForCausalLM`; ``data`` is a
     saved DatasetDict (e.g. ``datasets/merged/sft``), a saved Dataset, or one in memory, with
@@ -62,6 +65,10 @@ def assistant_token_loss(model, data, *, split: str = "test", batch_size: int = 
         ds = ds.select(range(min(max_rows, len(ds))))
     has_pos = "position_ids" in ds.column_names
     total, count = 0.0, 0
+    row_sums: list[float] = []
+    row_tokens: list[int] = []
+    if per_row:
+        batch_size = 1
     model.eval()
     with torch.no_grad():
         for start in range(0, len(ds), batch_size):
@@ -73,9 +80,15 @@ def assistant_token_loss(model, data, *, split: str = "test", batch_size: int = 
             batch = {"input_ids": torch.tensor([ids], device=model.device),
                      "position_ids": torch.tensor([pos], device=model.device)}
             targets = shift_labels(torch.tensor([labels], device=model.device), batch["position_ids"])
-            total += float(causal_lm_loss_sum(model, batch, targets).loss_sum)
-            count += int((targets != -100).sum())
+            part, n = float(causal_lm_loss_sum(model, batch, targets).loss_sum), int((targets != -100).sum())
+            total += part
+            count += n
+            row_sums.append(part)
+            row_tokens.append(n)
     if count == 0:
         raise DogeError("the SFT split has no assistant tokens (every label is -100)")
     loss = total / count
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "rows": len(ds)}
+    out = {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "rows": len(ds)}
+    if per_row:
+        out.update(row_sums=row_sums, row_tokens=row_tokens)
+    return out

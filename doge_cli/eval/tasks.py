@@ -9,6 +9,9 @@ Builtin tasks read ``<datasets-dir>/eval/<set>/test.jsonl`` (written by ``doge d
   log-probability; ``acc_norm``: per character);
 - ``arithmetic``: held-out maths problems, greedy answer, exact match after stripping.
 
+Stage tasks (``stages``: sft-loss, chat-mc, preference, math-reward) measure what each training stage
+is for; doge computes them itself (:mod:`doge_cli.eval.stages`).
+
 Hub tasks are lighteval's own configs, loaded from just the lighteval modules that define them:
 lighteval's registry imports every task module, and some do network I/O at import.
 """
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doge_cli.errors import DogeError
+from doge_cli.eval.stages import STAGE_TASKS
 
 PROMPT = "Question: {question}\nAnswer:"
 
@@ -51,6 +55,7 @@ ALIASES = {"arc-easy": "arc:easy", "arc-challenge": "arc:challenge", "bbh": "big
            "math-500": "math_500", "gpqa-diamond": "gpqa:diamond", "heldout-text": "heldout-ppl"}
 GROUPS = {
     "builtin": list(BUILTIN_TASKS),
+    "stages": list(STAGE_TASKS),
     "base": ["hellaswag", "arc:easy", "arc:challenge", "piqa", "mmlu", "triviaqa", "winogrande", "openbookqa"],
     "instruct": ["ifeval", "bigbench_hard"],
     "reasoning": ["math_500", "aime24", "gpqa:diamond"],
@@ -66,8 +71,8 @@ def expand_task_names(names: list[str] | None) -> list[str]:
             name = ALIASES.get(name, name)
             members = GROUPS.get(name, [name])
             for member in members:
-                if member not in BUILTIN_TASKS and member not in HUB_TASKS:
-                    known = ", ".join([*GROUPS, *BUILTIN_TASKS, *HUB_TASKS])
+                if member not in BUILTIN_TASKS and member not in HUB_TASKS and member not in STAGE_TASKS:
+                    known = ", ".join([*GROUPS, *BUILTIN_TASKS, *STAGE_TASKS, *HUB_TASKS])
                     raise DogeError(f"unknown task {name!r}; choose from: {known}")
                 if member not in out:
                     out.append(member)
@@ -165,7 +170,8 @@ def hub_configs(name: str) -> list:
 
 
 def task_configs(names: list[str], datasets_dir: Path) -> list:
-    """Configs for already expanded ``names``; hub tasks need the hub (DogeError when offline)."""
+    """lighteval configs for already expanded ``names`` (stage tasks run outside lighteval and have none);
+    hub tasks need the hub (DogeError when offline)."""
     from doge_cli.offline import hub_offline
 
     hub = [n for n in names if n in HUB_TASKS]
@@ -175,5 +181,7 @@ def task_configs(names: list[str], datasets_dir: Path) -> list:
                         f"{', '.join(BUILTIN_TASKS)}")
     configs = []
     for name in names:
+        if name in STAGE_TASKS:
+            continue
         configs.extend([builtin_config(name, datasets_dir)] if name in BUILTIN_TASKS else hub_configs(name))
     return configs

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,33 +12,71 @@ from doge_cli.eval.run import model_slug
 _SPEC = importlib.util.spec_from_file_location(
     "demo_report", Path(__file__).resolve().parents[2] / "scripts" / "demo_report.py")
 demo_report = importlib.util.module_from_spec(_SPEC)
+sys.modules.setdefault("demo_report", demo_report)  # dataclasses look their module up by name
 _SPEC.loader.exec_module(demo_report)
 
 
-def write_results(eval_dir, model, word_ppl, unigram_ppl):
+GOOD = {  # stage -> task -> metrics, as doge eval writes them; every figure holds
+    "pt": {"sft-loss": {"loss": 6.5, "loss_stderr": 0.2}, "preference": {"accuracy": 0.5, "accuracy_stderr": 0.05},
+           "math-reward": {"format": 0.0, "reward_sampled": 0.0}},
+    "sft": {"sft-loss": {"loss": 2.1, "loss_stderr": 0.3}, "preference": {"accuracy": 0.67, "accuracy_stderr": 0.047}},
+    "dpo": {"preference": {"accuracy": 0.75, "accuracy_stderr": 0.045, "reward_accuracy": 0.7,
+                           "reward_accuracy_stderr": 0.046}, "math-reward": {"format": 0.0, "format_stderr": 0.0}},
+    "r1-sft": {"math-reward": {"format": 1.0, "reward_sampled": 0.40, "reward_sampled_stderr": 0.025}},
+    "grpo": {"math-reward": {"format": 1.0, "reward_sampled": 0.50, "reward_sampled_stderr": 0.024}},
+}
+
+
+def write_all(eval_dir, runs, tasks, ppl=400.0, unigram=10000.0):
     eval_dir.mkdir(parents=True, exist_ok=True)
-    results = {
-        "model": str(model),
-        "tasks": {"heldout-ppl": {"word_perplexity": word_ppl, "byte_perplexity": 3.0, "bits_per_byte": 1.5}},
-        "baselines": {"heldout-ppl": {"unigram": {"word_perplexity": unigram_ppl, "byte_perplexity": 5.0,
-                                                  "bits_per_byte": 2.5}}},
-    }
-    (eval_dir / f"{model_slug(str(model))}.json").write_text(json.dumps(results))
+    for stage, metrics in tasks.items():
+        model = runs / stage / "final"
+        results = {"model": str(model), "tasks": {k: dict(v) for k, v in metrics.items()}, "baselines": {}}
+        if stage == "pt":
+            results["tasks"]["heldout-ppl"] = {"word_perplexity": ppl, "byte_perplexity": 3.0, "bits_per_byte": 1.5}
+            results["baselines"]["heldout-ppl"] = {"unigram": {"word_perplexity": unigram, "byte_perplexity": 5.0,
+                                                               "bits_per_byte": 2.5}}
+        (eval_dir / f"{model_slug(str(model))}.json").write_text(json.dumps(results))
 
 
-@pytest.mark.parametrize(("ppl", "sft_loss", "code"), [(400.0, 2.0, 0), (20000.0, 2.0, 1), (400.0, 9.0, 1)])
-def test_verdicts(tmp_path, monkeypatch, capsys, ppl, sft_loss, code):
+def with_change(stage, task, key, value):
+    tasks = json.loads(json.dumps(GOOD))
+    tasks[stage][task][key] = value
+    return tasks
+
+
+@pytest.mark.parametrize(("tasks", "ppl", "failing"), [
+    (GOOD, 400.0, None),
+    (GOOD, 20000.0, "pt"),                                                   # worse than a unigram model
+    (with_change("sft", "sft-loss", "loss", 6.4), 400.0, "sft"),             # lower, but within the error
+    (with_change("dpo", "preference", "reward_accuracy", 0.53), 400.0, "dpo"),  # not clear of chance
+    (with_change("dpo", "preference", "accuracy", 0.6), 400.0, None),        # reported, not judged
+    (with_change("r1-sft", "math-reward", "format", 0.0), 400.0, "r1-sft"),
+    (with_change("grpo", "math-reward", "reward_sampled", 0.42), 400.0, "grpo"),  # within the error
+])
+def test_each_figure_holds_only_past_its_standard_error(tmp_path, capsys, tasks, ppl, failing):
     runs = tmp_path / "runs"
-    write_results(tmp_path / "eval", runs / "pt" / "final", ppl, 10000.0)
-    losses = {str(runs / "pt" / "final"): 6.5, str(runs / "sft" / "final"): sft_loss}
-    monkeypatch.setattr("doge_cli.eval.sft_loss.assistant_token_loss",
-                        lambda model, data, **kw: {"loss": losses[model], "tokens": 900, "rows": 100})
-    rc = demo_report.main(["--datasets-dir", str(tmp_path / "datasets"), "--runs", str(runs),
-                           "--eval-dir", str(tmp_path / "eval")])
+    write_all(tmp_path / "eval", runs, tasks, ppl=ppl)
+    rc = demo_report.main(["--runs", str(runs), "--eval-dir", str(tmp_path / "eval")])
     out = capsys.readouterr().out
-    assert rc == code
-    assert ("NOT MET" in out) == (code == 1)
-    assert f"pretrained {ppl:,.1f} vs unigram 10,000.0" in out
+    lines = [line for line in out.splitlines() if line.startswith("  ") and line.endswith(("OK", "NOT MET",
+                                                                                             "(reported)"))]
+    assert len(lines) == 6 and lines[3].endswith("(reported)")
+    assert rc == (0 if failing is None else 1)
+    bad = [line.split()[0] for line in lines if line.endswith("NOT MET")]
+    assert bad == ([] if failing is None else [failing])
+    assert f"{ppl:,.1f}" in lines[0] and "10,000.0" in lines[0]
+    grpo = tasks["grpo"]["math-reward"]["reward_sampled"]
+    assert f"{grpo:.3f} ± 0.024" in lines[5] and "0.400 ± 0.025" in lines[5]
+
+
+def test_a_missing_stage_figure_names_the_command(tmp_path):
+    runs = tmp_path / "runs"
+    tasks = json.loads(json.dumps(GOOD))
+    del tasks["dpo"]["preference"]
+    write_all(tmp_path / "eval", runs, tasks)
+    with pytest.raises(SystemExit, match=r"has no preference reward_accuracy; run `doge eval --tasks builtin,stages"):
+        demo_report.main(["--runs", str(runs), "--eval-dir", str(tmp_path / "eval")])
 
 
 def fake_run(folder, records):

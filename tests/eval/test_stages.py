@@ -1,0 +1,212 @@
+"""Stage tasks (doge_cli.eval.stages) against independent computations: log-probabilities from
+transformers' own Doge with a plain log-softmax, TRL's DPO reward metrics, the reward functions on a
+model whose replies are known, and hand-written standard errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from doge_cli.errors import DogeError
+from doge_cli.eval.stages import run_stage_task
+from tests.chat.toymodel import make_chat_tokenizer, save_forced_r1_model
+
+
+def tiny_model(tok, seed: int):
+    from transformers import DogeConfig
+
+    from doge_cli.model import DogeForCausalLM
+
+    config = DogeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                        keep_window_size=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = DogeForCausalLM(config)
+    with torch.no_grad():  # larger weights than the init, so log-probabilities differ between replies
+        for p in model.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from doge_cli.model import save_pretrained
+
+    root = tmp_path_factory.mktemp("stages")
+    tok = make_chat_tokenizer(root / "tokenizer")
+    policy, reference = (save_pretrained(tiny_model(tok, s), root / name, tokenizer=tok)
+                         for s, name in ((1, "policy"), (2, "reference")))
+    return {"root": root, "tok": tok, "policy": policy, "reference": reference}
+
+
+def save_split(path, rows: dict[str, list]):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows), "test": datasets.Dataset.from_dict(rows)}) \
+        .save_to_disk(str(path))
+
+
+def hf_reply_logps(folder, pairs):
+    """Summed log p(reply | prompt) from transformers' DogeForCausalLM, one pair at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    out = []
+    for prompt, reply in pairs:
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        out.append(sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(reply)))
+    return out
+
+
+def load(folder):
+    from doge_cli.chat.loading import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(folder), device="cpu")
+
+
+def sem(values):
+    n, mean = len(values), sum(values) / len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def test_preference_accuracy_and_margins_match_transformers(env, tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    n = 12
+
+    def ids(lo, hi):
+        return torch.randint(10, len(env["tok"]), (int(torch.randint(lo, hi, (1,), generator=gen)),),
+                             generator=gen).tolist()
+
+    rows = {"prompt_input_ids": [ids(3, 9) for _ in range(n)], "chosen_input_ids": [ids(2, 7) for _ in range(n)],
+            "rejected_input_ids": [ids(2, 7) for _ in range(n)]}
+    save_split(tmp_path / "merged" / "dpo", rows)
+    lm, tok = load(env["policy"])
+    ref, _ = load(env["reference"])
+    got = run_stage_task("preference", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=5, reference=ref)
+
+    chosen = list(zip(rows["prompt_input_ids"], rows["chosen_input_ids"]))
+    rejected = list(zip(rows["prompt_input_ids"], rows["rejected_input_ids"]))
+    pc, pr = hf_reply_logps(env["policy"], chosen), hf_reply_logps(env["policy"], rejected)
+    rc, rr = hf_reply_logps(env["reference"], chosen), hf_reply_logps(env["reference"], rejected)
+    diff = [c - r for c, r in zip(pc, pr)]
+    # DPO's implicit reward beta * log(p / p_ref): chosen beats rejected for any beta > 0 (TRL's rewards/accuracies)
+    reward = [(c - cr) - (r - rr_) for c, r, cr, rr_ in zip(pc, pr, rc, rr)]
+    acc = [float(d > 0) for d in diff]
+    assert 0 < sum(acc) < n  # both outcomes occur, so the test can tell a flipped sign
+    assert got["samples"] == n
+    assert got["accuracy"] == pytest.approx(sum(acc) / n) and got["accuracy_stderr"] == pytest.approx(sem(acc))
+    assert got["margin"] == pytest.approx(sum(diff) / n, abs=1e-4)
+    assert got["margin_stderr"] == pytest.approx(sem(diff), rel=1e-4)
+    assert got["reward_accuracy"] == pytest.approx(sum(x > 0 for x in reward) / n)
+    assert got["reward_margin"] == pytest.approx(sum(reward) / n, abs=1e-4)
+    # TRL's DPO on the same pairs (its model call replaced by these summed log-probabilities): its logged
+    # rewards/accuracies and rewards/margins / beta are the implicit-reward figures
+    from tests.train.objectives.test_dpo import trl_loss
+
+    beta = 0.1
+    per_token = torch.zeros(2 * n, 2, dtype=torch.float64)
+    per_token[:, 0] = torch.tensor(pc + pr, dtype=torch.float64)
+    batch = {"input_ids": torch.zeros(2 * n, 2, dtype=torch.long), "attention_mask": torch.ones(2 * n, 2),
+             "targets": torch.tensor([[1, -100]] * (2 * n))}
+    _, logged = trl_loss(per_token, batch, torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64),
+                         beta=beta, loss_type="sigmoid")
+    assert got["reward_accuracy"] == pytest.approx(logged["rewards/accuracies"])
+    assert got["reward_margin"] == pytest.approx(logged["rewards/margins"] / beta, abs=1e-4)
+    alone = run_stage_task("preference", lm, tok, datasets_dir=tmp_path, max_samples=4, batch_size=8)
+    assert alone["samples"] == 4 and "reward_accuracy" not in alone
+
+
+def test_sft_loss_and_its_stderr(env, tmp_path):
+    from doge_cli.eval.sft_loss import assistant_token_loss
+
+    tok = env["tok"]
+    gen = torch.Generator().manual_seed(1)
+    rows = {"input_ids": [], "labels": []}
+    for _ in range(9):
+        ids = torch.randint(10, len(tok), (int(torch.randint(6, 14, (1,), generator=gen)),), generator=gen).tolist()
+        cut = len(ids) // 2
+        rows["input_ids"].append(ids)
+        rows["labels"].append([-100] * cut + ids[cut:])
+    save_split(tmp_path / "merged" / "sft", rows)
+    lm, _ = load(env["policy"])
+    got = run_stage_task("sft-loss", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=4)
+    whole = assistant_token_loss(str(env["policy"]), str(tmp_path / "merged" / "sft"))
+    assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5) and got["tokens"] == whole["tokens"]
+    # per-row sums of -log p of the labelled tokens, then the ratio estimator's standard error by hand
+    sums, counts = [], []
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        first = labels.index(next(x for x in labels if x != -100))
+        sums.append(-hf_reply_logps(env["policy"], [(ids[:first], ids[first:])])[0])
+        counts.append(len(ids) - first)
+    ratio = sum(sums) / sum(counts)
+    assert got["loss"] == pytest.approx(ratio, rel=1e-4)
+    k = len(sums)
+    expected = math.sqrt(k / (k - 1) * sum((s - ratio * c) ** 2 for s, c in zip(sums, counts))) / sum(counts)
+    assert got["loss_stderr"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_chat_mc_scores_replies_in_the_chat_format(env, tmp_path):
+    tok = env["tok"]
+    choices = [["yes", "no", "it is the one that was asked for", "maybe so"],
+               ["a much longer answer than the others", "ok", "fine", "sure thing"],
+               ["x", "the quick brown fox", "no", "yes indeed"]]
+    rows = [{"question": f"Question number {i}?", "choices": c, "label": i % 4} for i, c in enumerate(choices)]
+    (tmp_path / "eval" / "chatterbot-mc").mkdir(parents=True)
+    (tmp_path / "eval" / "chatterbot-mc" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lm, _ = load(env["policy"])
+    got = run_stage_task("chat-mc", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=3)
+    acc, acc_norm = [], []
+    for row in rows:
+        messages = [{"role": "user", "content": row["question"]}]
+        head = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tok(head, add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in row["choices"]:
+            full = tok.apply_chat_template(messages + [{"role": "assistant", "content": choice}], tokenize=False)
+            reply = tok(full[len(head):], add_special_tokens=False)["input_ids"]
+            scores.append(hf_reply_logps(env["policy"], [(prompt, reply)])[0])
+        norm = [s / len(c) for s, c in zip(scores, row["choices"])]
+        acc.append(float(scores.index(max(scores)) == row["label"]))
+        acc_norm.append(float(norm.index(max(norm)) == row["label"]))
+    assert got["samples"] == 3
+    assert got["acc"] == pytest.approx(sum(acc) / 3) and got["acc_norm"] == pytest.approx(sum(acc_norm) / 3)
+
+
+def test_math_reward_uses_the_grpo_reward_functions(tmp_path):
+    from doge_cli.train.objectives.rewards import accuracy_reward, format_reward
+
+    model = save_forced_r1_model(tmp_path / "r1", thought="the", answer="4")
+    lm, tok = load(model)
+    answers = ["4", "5", "4", "2+2", "4.0"]
+    prompts = [[{"role": "system", "content": "Think first."}, {"role": "user", "content": f"What is {a}?"}]
+               for a in answers]
+    save_split(tmp_path / "data" / "merged" / "grpo", {"prompt": prompts, "answer": answers})
+    got = run_stage_task("math-reward", lm, tok, datasets_dir=tmp_path / "data", max_samples=None, batch_size=2)
+    reply = "<|begin_of_thought|> the<|end_of_thought|><|begin_of_solution|>4<|end_of_solution|>"
+    fmt, acc = format_reward([reply] * 5), accuracy_reward([reply] * 5, answers)
+    assert fmt == [1.0] * 5 and acc == [1.0, 0.0, 1.0, 0.0, 1.0]  # the reward functions' own verdicts
+    for suffix in ("", "_sampled"):
+        assert got[f"format{suffix}"] == 1.0 and got[f"accuracy{suffix}"] == pytest.approx(0.6)
+        assert got[f"reward{suffix}"] == pytest.approx(1.6)
+        assert got[f"accuracy{suffix}_stderr"] == pytest.approx(sem(acc))
+    assert got["samples"] == 5
+
+
+def test_missing_data_and_another_tokenizer_are_one_line_errors(env, tmp_path):
+    lm, tok = load(env["policy"])
+    with pytest.raises(DogeError, match=r"needs the held-out split of .*merged/dpo; run `doge data merge --stage dpo"):
+        run_stage_task("preference", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2)
+    save_split(tmp_path / "merged" / "sft", {"input_ids": [[5, 6, 10_000]], "labels": [[-100, 6, 10_000]]})
+    with pytest.raises(DogeError, match="token id 10000 but the model's vocabulary has"):
+        run_stage_task("sft-loss", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2)
+    other = make_chat_tokenizer(tmp_path / "other", vocab_size=300)
+    (tmp_path / "merged" / "sft" / "manifest.json").write_text(json.dumps({"tokenizer": str(tmp_path / "other")}))
+    assert len(other) != len(tok)
+    with pytest.raises(DogeError, match="was tokenized with .*other, whose vocabulary differs"):
+        run_stage_task("sft-loss", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2)
