@@ -55,7 +55,8 @@ run train pt "$ROOT/configs/quickstart/pt-moe.yaml" init_from=./runs/quickstart/
 # DPO's implicit reward against the SFT model (DPO), maths format and reward (R1 distillation, GRPO).
 run eval --model ./runs/quickstart/pt/final --model ./runs/quickstart/sft/final --model ./runs/quickstart/dpo/final \
     --model ./runs/quickstart/r1-sft/final --model ./runs/quickstart/grpo/final --tasks builtin,stages \
-    --reference ./runs/quickstart/sft/final --max-samples 100 --datasets-dir ./datasets --output-dir ./eval
+    --reference ./runs/quickstart/sft/final --max-new-tokens 96 --max-samples 100 --datasets-dir ./datasets \
+    --output-dir ./eval
 run chat ./runs/quickstart/dpo/final --prompt "What is your favorite book?" --greedy --repetition-penalty 1.3 --max-new-tokens 48
 
 # 5. One report card for the whole pipeline: environment, every stage's figures and settings, the

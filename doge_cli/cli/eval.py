@@ -42,6 +42,9 @@ def eval_models(
     reference: Annotated[str | None, typer.Option(
         "--reference", help="The model a DPO run started from (e.g. the SFT model): the preference task adds "
         "DPO's implicit-reward accuracy and margin against it.", show_default=False)] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        "--max-new-tokens", min=1, help="Longest reply of the math-reward task (e.g. the GRPO run's "
+        "max_completion_length).")] = 256,
 ) -> None:
     """Evaluate models with lighteval and print the results as a table (JSON in --output-dir).
 
@@ -70,5 +73,5 @@ def eval_models(
         runs.append(evaluate(name, tasks=tasks, num_fewshot=num_fewshot, datasets_dir=datasets_dir,
                              output_dir=output_dir, max_samples=max_samples, batch_size=batch_size,
                              use_chat_template=chat_template, system_prompt=system, tokenizer=tokenizer,
-                             device=device, reference=reference, log=lambda m: console.print(f"[dim]{m}[/]")))
+                             device=device, reference=reference, max_new_tokens=max_new_tokens, log=lambda m: console.print(f"[dim]{m}[/]")))
     console.print(results_table(earlier + runs))

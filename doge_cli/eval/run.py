@@ -126,15 +126,16 @@ def _run_pipeline(lm, tok, model: str, configs: list, names: list[str], *, num_f
 def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0, datasets_dir: Path = Path("datasets"),
              output_dir: Path | None = Path("eval_results"), max_samples: int | None = None, batch_size: int = 8,
              use_chat_template: bool = False, system_prompt: str | None = None, tokenizer: str | None = None,
-             device: str | None = None, reference: str | None = None,
+             device: str | None = None, reference: str | None = None, max_new_tokens: int | None = None,
              log: Callable[[str], None] = lambda _m: None) -> dict:
     """Evaluate ``model`` (folder or hub id) on ``tasks`` (names or groups; default: the builtin tasks).
 
     Returns the results dict (the module docstring shows it) and, with ``output_dir``, writes it to
     ``<output_dir>/<model-slug>.json``; ``results["path"]`` is that file. ``reference`` (a model the
-    evaluated one was tuned from) adds DPO's implicit-reward figures to the ``preference`` task.
+    evaluated one was tuned from) adds DPO's implicit-reward figures to the ``preference`` task;
+    ``max_new_tokens`` caps the replies of the generative stage task (math-reward).
     """
-    from doge_cli.eval.stages import STAGE_TASKS, run_stage_task
+    from doge_cli.eval.stages import MATH_MAX_NEW_TOKENS, STAGE_TASKS, run_stage_task
     from doge_cli.eval.tasks import expand_task_names, task_configs
 
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
@@ -169,7 +170,8 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     for name in (n for n in names if n in STAGE_TASKS):
         log(f"running {name}")
         found[name] = run_stage_task(name, lm, tok, datasets_dir=Path(datasets_dir), max_samples=max_samples,
-                                     batch_size=batch_size, reference=ref_model)
+                                     batch_size=batch_size, reference=ref_model,
+                                     max_new_tokens=max_new_tokens or MATH_MAX_NEW_TOKENS)
     from importlib.metadata import version
 
     from doge_cli import __version__

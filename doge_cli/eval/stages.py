@@ -17,11 +17,13 @@ splits that ``doge data merge --test-examples N`` held out, next to the lighteva
   log p/p_ref of chosen exceeds that of rejected, as TRL's ``rewards/accuracies`` with any beta) and
   ``reward_margin`` (mean difference of those log-ratios, nats; TRL's ``rewards/margins`` / beta).
 - ``math-reward`` (R1 distillation and GRPO): ``merged/grpo``'s test prompts (chat messages with the
-  thinking-format system prompt) answered greedily, up to ``MATH_MAX_NEW_TOKENS`` new tokens, scored by
+  thinking-format system prompt) answered greedily, up to ``max_new_tokens`` new tokens (``doge eval
+  --max-new-tokens``, default ``MATH_MAX_NEW_TOKENS``; use the GRPO run's max_completion_length), scored by
   the reward functions GRPO trains with: ``format`` (the thinking format), ``accuracy`` (the final
   answer equals the reference) and ``reward`` (their sum, GRPO's quickstart weighting). ``*_sampled``
-  are the same at temperature ``SAMPLED_TEMPERATURE`` (GRPO's default) with a fixed seed, averaged over
-  ``SAMPLES_PER_PROMPT`` replies per prompt.
+  are the same at temperature ``SAMPLED_TEMPERATURE`` (0.7, the quickstart GRPO recipe's; at 1.0 a small
+  R1 model's samples are mostly off-format, so the figure moved within its noise) with a fixed seed,
+  averaged over ``SAMPLES_PER_PROMPT`` replies per prompt.
 
 Every metric has a ``<metric>_stderr`` (standard error of the mean over samples), and ``samples``
 says how many were scored. The merged data must be tokenized with the model's tokenizer (checked).
@@ -36,8 +38,8 @@ from pathlib import Path
 from doge_cli.errors import DogeError
 
 STAGE_TASKS = {"sft-loss": "sft", "chat-mc": None, "preference": "dpo", "math-reward": "grpo"}
-MATH_MAX_NEW_TOKENS = 128
-SAMPLED_TEMPERATURE = 1.0
+MATH_MAX_NEW_TOKENS = 256
+SAMPLED_TEMPERATURE = 0.7
 SAMPLED_SEED = 0
 SAMPLES_PER_PROMPT = 4  # sampled figures average 4 replies per prompt (the standard error is over prompts)
 GENERATION_BATCH = 32
@@ -208,7 +210,8 @@ def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: in
     return {**_metrics({"acc": acc, "acc_norm": acc_norm}), "samples": len(rows)}
 
 
-def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int, **_) -> dict:
+def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int,
+                max_new_tokens: int = MATH_MAX_NEW_TOKENS, **_) -> dict:
     import torch
 
     from doge_cli.chat_format import prompt_ids, stop_ids
@@ -221,9 +224,10 @@ def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size
         raise DogeError("task math-reward asks in the chat format, but the model's tokenizer has no chat template")
     prompts = [prompt_ids(tok, list(p)) for p in split["prompt"]]
     answers = [str(a) for a in split["answer"]]
-    limit = lm.config.max_position_embeddings - MATH_MAX_NEW_TOKENS
+    limit = lm.config.max_position_embeddings - max_new_tokens
     if limit < 1:
-        raise DogeError(f"task math-reward needs a context longer than {MATH_MAX_NEW_TOKENS} tokens")
+        raise DogeError(f"task math-reward: --max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                        f"model's {lm.config.max_position_embeddings}-token context; ask for fewer")
     prompts = [p[-limit:] for p in prompts]
     stops = stop_ids(lm.config, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -237,7 +241,7 @@ def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size
             chunk = prompts[start:start + step]
             ids, mask = pad_left(chunk, pad), pad_left([[1] * len(p) for p in chunk], 0)
             with torch.no_grad():
-                result = generate(lm, ids.to(lm.device), mask.to(lm.device), max_new_tokens=MATH_MAX_NEW_TOKENS,
+                result = generate(lm, ids.to(lm.device), mask.to(lm.device), max_new_tokens=max_new_tokens,
                                   do_sample=sample, temperature=SAMPLED_TEMPERATURE, stop_token_ids=stops,
                                   pad_token_id=pad, num_return_sequences=per_prompt, generator=gen)
             for request in result.requests:
@@ -267,6 +271,7 @@ RUNNERS: dict[str, Callable[..., dict]] = {
 
 
 def run_stage_task(name: str, lm, tok, *, datasets_dir: Path, max_samples: int | None, batch_size: int,
-                   reference=None) -> dict:
+                   reference=None, max_new_tokens: int = MATH_MAX_NEW_TOKENS) -> dict:
     """The metrics of stage task ``name`` for the loaded model ``lm`` (module docstring)."""
-    return RUNNERS[name](lm, tok, Path(datasets_dir), max_samples, batch_size, reference=reference)
+    return RUNNERS[name](lm, tok, Path(datasets_dir), max_samples, batch_size, reference=reference,
+                         max_new_tokens=max_new_tokens)

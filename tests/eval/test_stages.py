@@ -196,6 +196,9 @@ def test_math_reward_uses_the_grpo_reward_functions(tmp_path):
         assert got[f"reward{suffix}"] == pytest.approx(1.6)
         assert got[f"accuracy{suffix}_stderr"] == pytest.approx(sem(acc))
     assert got["samples"] == 5
+    with pytest.raises(DogeError, match="--max-new-tokens 600 leaves no room for a prompt in the model's 512-token"):
+        run_stage_task("math-reward", lm, tok, datasets_dir=tmp_path / "data", max_samples=None, batch_size=2,
+                       max_new_tokens=600)
 
 
 def test_missing_data_and_another_tokenizer_are_one_line_errors(env, tmp_path):

@@ -89,6 +89,17 @@ def test_the_run_records_the_loaded_moe_model_and_logs_the_router_loss(pt_data, 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     aux = [r["aux_loss"] for r in records if "aux_loss" in r]
     assert len(aux) == STEPS and all(0 < a < 0.01 for a in aux)  # coefficient x a loss of order 1
+    # the trained CDMoE model loads in plain transformers and computes doge's logits
+    from transformers import AutoModelForCausalLM
+
+    from doge_cli.model import load_model
+
+    ids = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    theirs = AutoModelForCausalLM.from_pretrained(out / "final", attn_implementation="eager").eval()
+    ours = load_model(str(out / "final"), attn_implementation="eager").eval()
+    assert theirs.config.is_moe and theirs.config.num_experts == 16
+    with torch.no_grad():
+        assert torch.allclose(theirs(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("stop_after", [1, 3])  # inside the warm-up, and after it
