@@ -23,6 +23,8 @@ def _fmt(metrics: dict, key: str) -> str:
     stderr = metrics.get(f"{key}_stderr")
     if abs(value) >= 1000:
         text = f"{value:.4g}"
+        if stderr:
+            return f"{value:,.0f}±{stderr:,.0f}"
     elif stderr:
         digits = 1 if abs(value) >= 10 else 3
         return f"{value:.{digits}f}±{stderr:.{digits}f}"

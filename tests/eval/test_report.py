@@ -24,7 +24,8 @@ def render(runs, width=100) -> str:
 
 def test_five_models_fit_100_columns_with_full_metric_names():
     tasks = {
-        "heldout-ppl": {"word_perplexity": 410.9, "byte_perplexity": 3.1, "bits_per_byte": 1.633},
+        "heldout-ppl": {"word_perplexity": 13470.2, "word_perplexity_stderr": 275.4, "byte_perplexity": 5.98,
+                        "byte_perplexity_stderr": 0.013, "bits_per_byte": 1.633},
         "chatterbot-mc": {"acc": 0.449, "acc_stderr": 0.0505, "acc_norm": 0.194, "acc_norm_stderr": 0.0401},
         "preference": {"accuracy": 0.71, "accuracy_stderr": 0.046, "margin": 25.511, "margin_stderr": 9.348,
                        "reward_accuracy": 0.68, "reward_accuracy_stderr": 0.047, "samples": 100},
@@ -41,7 +42,7 @@ def test_five_models_fit_100_columns_with_full_metric_names():
     assert header.split()[3:] == ["pt", "sft", "dpo", "r1-sft", "grpo"]
     for name in ("word_perplexity", "reward_accuracy", "format_sampled", "unigram word_perplexity"):
         assert any(line.strip().startswith(name) for line in lines), name  # whole, never cut
-    assert "0.449±0.051" in text and "25.5±9.3" in text and "1.026e+04" in text
+    assert "0.449±0.051" in text and "25.5±9.3" in text and "13,470±275" in text and "1.026e+04" in text
     assert "…" not in text
     row = next(line for line in lines if line.strip().startswith("samples"))
     assert row.split()[1:] == ["100"] * 5
