@@ -42,9 +42,9 @@ def eval_models(
     reference: Annotated[str | None, typer.Option(
         "--reference", help="The model a DPO run started from (e.g. the SFT model): the preference task adds "
         "DPO's implicit-reward accuracy and margin against it.", show_default=False)] = None,
-    max_new_tokens: Annotated[int, typer.Option(
+    max_new_tokens: Annotated[int | None, typer.Option(
         "--max-new-tokens", min=1, help="Longest reply of the math-reward task (e.g. the GRPO run's "
-        "max_completion_length).")] = 256,
+        "max_completion_length).", show_default="256, at most half the model's context")] = None,
 ) -> None:
     """Evaluate models with lighteval and print the results as a table (JSON in --output-dir).
 

@@ -133,7 +133,8 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     Returns the results dict (the module docstring shows it) and, with ``output_dir``, writes it to
     ``<output_dir>/<model-slug>.json``; ``results["path"]`` is that file. ``reference`` (a model the
     evaluated one was tuned from) adds DPO's implicit-reward figures to the ``preference`` task;
-    ``max_new_tokens`` caps the replies of the generative stage task (math-reward).
+    ``max_new_tokens`` caps the replies of the generative stage task (math-reward); by default 256, or
+    half the model's context when that is shorter (said once through ``log``).
     """
     from doge_cli.eval.stages import MATH_MAX_NEW_TOKENS, STAGE_TASKS, run_stage_task
     from doge_cli.eval.tasks import expand_task_names, task_configs
@@ -151,6 +152,8 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     if use_chat_template and not tok.chat_template:
         raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
 
+    if "math-reward" in names:
+        max_new_tokens = _reply_budget(max_new_tokens, lm.config.max_position_embeddings, MATH_MAX_NEW_TOKENS, log)
     ref_model = None
     if reference is not None and "preference" in names:
         log(f"loading the reference {reference}")
@@ -193,6 +196,21 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         results["path"] = str(save_results(results, Path(output_dir) / f"{model_slug(model)}.json"))
         log(f"results written to {results['path']}")
     return results
+
+
+def _reply_budget(asked: int | None, context: int, default: int, log: Callable[[str], None]) -> int:
+    """math-reward's longest reply: ``asked`` when the context leaves room for a prompt (DogeError before any
+    task runs otherwise), else the default capped at half the context."""
+    if asked is not None:
+        if asked >= context:
+            raise DogeError(f"--max-new-tokens {asked} leaves no room for a prompt in the model's {context}-token "
+                            f"context; ask for at most {context // 2}")
+        return asked
+    if default > context // 2:
+        log(f"math-reward replies are capped at {context // 2} new tokens, half the model's {context}-token "
+            "context (--max-new-tokens to choose)")
+        return context // 2
+    return default
 
 
 def check_settings(*, num_fewshot: int, max_samples: int | None, batch_size: int) -> None:

@@ -213,3 +213,25 @@ def test_missing_data_and_another_tokenizer_are_one_line_errors(env, tmp_path):
     assert len(other) != len(tok)
     with pytest.raises(DogeError, match="was tokenized with .*other, whose vocabulary differs"):
         run_stage_task("sft-loss", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2)
+
+
+def test_math_reward_fits_its_replies_into_a_short_context(env, tmp_path):
+    """A model with a 256-token context: the default 256-token replies are capped at half of it (said
+    once) instead of failing after the other tasks ran; an explicit length that leaves no room for a
+    prompt is refused before any task runs."""
+    from doge_cli.eval.run import evaluate
+
+    prompts = [[{"role": "user", "content": f"What is {i} + 1?"}] for i in range(3)]
+    save_split(tmp_path / "merged" / "grpo", {"prompt": prompts, "answer": [str(i + 1) for i in range(3)]})
+    said: list[str] = []
+    results = evaluate(str(env["policy"]), tasks=["math-reward"], datasets_dir=tmp_path, output_dir=None,
+                       device="cpu", log=said.append)
+    assert results["tasks"]["math-reward"]["samples"] == 3
+    assert [m for m in said if "capped" in m] == [
+        "math-reward replies are capped at 128 new tokens, half the model's 256-token context (--max-new-tokens "
+        "to choose)"]
+    again: list[str] = []
+    with pytest.raises(DogeError, match=r"--max-new-tokens 300 leaves no room .* ask for at most 128"):
+        evaluate(str(env["policy"]), tasks=["sft-loss", "math-reward"], datasets_dir=tmp_path, output_dir=None,
+                 device="cpu", max_new_tokens=300, log=again.append)
+    assert again and not any(m.startswith("running") for m in again)  # nothing ran before the refusal
