@@ -99,6 +99,7 @@ def eager_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None
 
 
 _KEY_COLUMNS = 8  # SDPA's fused CUDA kernels want head dims that are multiples of this
+SPLIT_MIN_DOC = 64  # mean document length from which a packed CPU row is attended document by document
 
 
 def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
@@ -117,6 +118,18 @@ def sdpa_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None,
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     groups = hq // hkv
+    if doc_ids is not None and doc_ids.device.type == "cpu" and b == 1 and key_padding_mask is None \
+            and q_len == k_len:
+        # A packed row (SFT packs each micro batch into one): a masked call attends over the whole row,
+        # so its cost grows with the square of the row, and a row longer than the keep window takes the
+        # dense-mask path; documents of SPLIT_MIN_DOC tokens or more on average are cheaper as one call
+        # each. The values are the same: the keep window selects among a query's own document's keys.
+        starts = [0, *(torch.nonzero(doc_ids[0, 1:] != doc_ids[0, :-1]).flatten() + 1).tolist()]
+        if k_len >= SPLIT_MIN_DOC * len(starts):
+            ends = [*starts[1:], k_len]
+            return torch.cat([sdpa_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], bias[..., s:e], scale=scale,
+                                             keep_window_size=keep_window_size)
+                              for s, e in zip(starts, ends)], dim=2)
     if keep_window_size is not None and k_len > keep_window_size:
         return _sdpa_dense_mask(q, k, v, bias, scale=scale, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
                                 keep_window_size=keep_window_size)

@@ -80,3 +80,38 @@ def test_the_padded_head_dim_is_a_multiple_of_8_and_changes_nothing(d, case, mon
     for name, a, b in zip("q k v bias".split(), torch.autograd.grad(got, (q, k, v, bias), grad),
                           torch.autograd.grad(want, (q, k, v, bias), grad)):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
+def packed(lengths):
+    return torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+
+
+@pytest.mark.parametrize("lengths, window", [
+    ((70, 90, 100), 128),   # the row exceeds the keep window, every document fits in it
+    ((200, 80), 128),       # one document longer than the window: top-k within it
+    ((70, 90, 100), None),  # no window
+    ((10, 12, 9, 8), 16),   # short documents (under SPLIT_MIN_DOC): one masked call, dense top-k path
+])
+def test_a_packed_row_attended_document_by_document_matches_eager(lengths, window, monkeypatch):
+    """SFT packs a micro batch into one row; on CPU sdpa then attends document by document (without
+    the whole-row mask, and below the keep window) and must give eager's values and gradients."""
+    import doge_cli.model.attention as attention
+
+    calls = []
+    real = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[2]) or real(*a, **kw))
+    t = sum(lengths)
+    q, k, v, bias = inputs(b=1, tq=t, tk=t)
+    doc_ids = packed(lengths)
+    scale = 16**-0.5
+    want = eager_attention(q, k, v, bias, scale=scale, doc_ids=doc_ids, keep_window_size=window)
+    got = sdpa_attention(q, k, v, bias, scale=scale, doc_ids=doc_ids, keep_window_size=window)
+    split = t >= attention.SPLIT_MIN_DOC * len(lengths)
+    assert calls == (list(lengths) if split else [t])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(want)
+    gw = torch.autograd.grad(want, (q, k, v, bias), grad)
+    gg = torch.autograd.grad(got, (q, k, v, bias), grad)
+    for name, a, b in zip("q k v bias".split(), gg, gw):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
