@@ -9,8 +9,8 @@ Every figure is measured on held-out data (``doge data merge --test-examples 100
 3. DPO: DPO's implicit reward (log p/p_ref against the SFT model it started from) prefers the chosen
    reply of held-out pairs more often than not (``reward_accuracy`` > 0.5). Whether the DPO model
    itself gives the chosen reply the higher likelihood more often than the SFT model does
-   (``accuracy``) is reported without a verdict: at this scale it barely moves (DPO 0.65-0.69 against
-   SFT 0.63-0.68 in five demo runs of 2026-11-30), because the pairs' likelihoods differ by tens of nats
+   (``accuracy``) is reported without a verdict: at this scale it barely moves (DPO 0.65-0.71 against
+   SFT 0.63-0.69 in six demo runs of 2026-11-30), because the pairs' likelihoods differ by tens of nats
    (replies of different lengths) while DPO shifts them by about 5;
 4. R1 distillation: the R1-SFT model answers held-out maths prompts in the thinking format (format
    reward, greedy) more than the DPO model;
