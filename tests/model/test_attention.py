@@ -23,6 +23,16 @@ def docs(b, t):
     return ids
 
 
+def assert_same_values_and_gradients(got, want, leaves):
+    """fp32 tolerances: values to 1e-5, the gradients of q, k, v and bias to 1e-4."""
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(want)
+    gw = torch.autograd.grad(want, leaves, grad)
+    gg = torch.autograd.grad(got, leaves, grad)
+    for name, a, b in zip("q k v bias".split(), gg, gw):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+
+
 CASES = {
     "causal": {},
     "documents": {"doc_ids": docs(2, 37)},
@@ -41,12 +51,7 @@ def test_sdpa_paths_match_eager(case):
     scale = 16**-0.5
     want = eager_attention(q, k, v, bias, scale=scale, **kwargs)
     got = sdpa_attention(q, k, v, bias, scale=scale, **kwargs)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(want)
-    gw = torch.autograd.grad(want, (q, k, v, bias), grad)
-    gg = torch.autograd.grad(got, (q, k, v, bias), grad)
-    for name, a, b in zip("q k v bias".split(), gg, gw):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    assert_same_values_and_gradients(got, want, (q, k, v, bias))
     if case == "left_padding":
         assert got[1, :, :9].abs().max() == 0  # queries with no real key give zeros, not NaN
 
@@ -109,9 +114,4 @@ def test_a_packed_row_attended_document_by_document_matches_eager(lengths, windo
     got = sdpa_attention(q, k, v, bias, scale=scale, doc_ids=doc_ids, keep_window_size=window)
     split = t >= attention.SPLIT_MIN_DOC * len(lengths)
     assert calls == (list(lengths) if split else [t])
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(want)
-    gw = torch.autograd.grad(want, (q, k, v, bias), grad)
-    gg = torch.autograd.grad(got, (q, k, v, bias), grad)
-    for name, a, b in zip("q k v bias".split(), gg, gw):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
+    assert_same_values_and_gradients(got, want, (q, k, v, bias))
