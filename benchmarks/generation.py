@@ -5,7 +5,9 @@ stop (``min_new_tokens`` on the reference, no stop ids on doge). For each precis
 prompt length (32, 512) and batch (1, 8): new tokens/s of a 64-token reply, time to first token (a
 1-token reply: prefill and the first choice), and the peak resident memory of the process. Every
 (stack, precision) pair runs in its own subprocess so its memory is its own; the two stacks alternate
-per round and each figure is the median over the rounds.
+per round and each figure is the median over the rounds. On a GPU a third stack, ``doge-eager``, decodes
+without CUDA graphs (``DOGE_CUDA_GRAPHS=0``): the graphs' speed-up, and whether they chose the same
+tokens as eager decoding.
 
     .venv/bin/python benchmarks/generation.py [--size 20M] [--new 64] [--rounds 3] [--quick]
 """
@@ -33,6 +35,8 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
     from doge_cli.model.sizes import size_config
 
     warnings.filterwarnings("ignore")
+    if stack == "doge-eager":
+        os.environ["DOGE_CUDA_GRAPHS"] = "0"
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     config = size_config(size)
@@ -103,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(stack, size, dtype, prompts, batches, args.new, args.device)))
         return 0
     results: dict[tuple[str, str], list[dict]] = {}
+    stacks = ("reference", "doge") + (("doge-eager",) if args.device != "cpu" else ())
     for _ in range(args.rounds):
         for dtype in ("float32", "bfloat16"):
-            for stack in ("reference", "doge"):
+            for stack in stacks:
                 cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{stack}:{dtype}", "--new", str(args.new),
                        "--size", args.size, "--device", args.device] + (["--quick"] if args.quick else [])
                 done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -113,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"device {args.device}; "
           f"Doge-{size}, greedy, {args.new} new tokens, medians of {args.rounds} alternating rounds")
+    graphs = "doge-eager" in stacks
     print("| precision | prompt x batch | reference tok/s | doge tok/s | speed | reference TTFT ms | doge TTFT ms | "
-          "TTFT ratio | same tokens |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    ratios = []
+          "TTFT ratio | same tokens |" + (" doge eager tok/s | graphs speed-up | graphs = eager tokens |" if graphs else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if graphs else ""))
+    ratios, identical = [], True
     for dtype in ("float32", "bfloat16"):
         ref, ours = results[("reference", dtype)], results[("doge", dtype)]
         for key in (f"{p}x{b}" for p in prompts for b in batches):
@@ -126,12 +132,22 @@ def main(argv: list[str] | None = None) -> int:
             d_ttft = statistics.median(r[key]["ttft_s"] for r in ours) * 1000
             same = all(a[key]["tokens"] == b[key]["tokens"] for a, b in zip(ref, ours))
             ratios.append(d_tok / r_tok)
+            extra = ""
+            if graphs:
+                eager = results[("doge-eager", dtype)]
+                e_tok = statistics.median(r[key]["tok_s"] for r in eager)
+                agree = all(a[key]["tokens"] == b[key]["tokens"] for a, b in zip(eager, ours))
+                identical = identical and agree
+                extra = f" {e_tok:,.0f} | {d_tok / e_tok:.2f}x | {'yes' if agree else 'NO'} |"
             print(f"| {dtype} | {key} | {r_tok:,.0f} | {d_tok:,.0f} | {d_tok / r_tok:.2f}x | {r_ttft:,.1f} | "
-                  f"{d_ttft:,.1f} | {d_ttft / r_ttft:.2f}x | {'yes' if same else 'no'} |")
+                  f"{d_ttft:,.1f} | {d_ttft / r_ttft:.2f}x | {'yes' if same else 'no'} |" + extra)
         r_mem = statistics.median(r["peak_mib"] for r in ref)
         d_mem = statistics.median(r["peak_mib"] for r in ours)
-        print(f"| {dtype} | peak {'GPU memory' if args.device != 'cpu' else 'RSS'} MiB | {r_mem:,.0f} | {d_mem:,.0f} | {d_mem / r_mem:.2f}x | | | | |")
+        print(f"| {dtype} | peak {'GPU memory' if args.device != 'cpu' else 'RSS'} MiB | {r_mem:,.0f} | {d_mem:,.0f} | {d_mem / r_mem:.2f}x | | | | |" + (" | | |" if graphs else ""))
     print(f"median speed ratio over all rows: {statistics.median(ratios):.2f}x")
+    if graphs:
+        print(f"CUDA graphs chose the same tokens as eager decoding in every row: {'yes' if identical else 'NO'}")
+        return 0 if identical else 1
     return 0
 
 

@@ -15,12 +15,19 @@ report lists every part as passed or FAILED with its figures, and the exit statu
 4. ZeRO-2: the Doge-20M sdpa run again under DeepSpeed ZeRO-2 on one process (accelerate); its loss must
    equal the plain run's within 2%.
 5. generation: ``benchmarks/generation.py --device cuda``: new tokens/s at batch 1 and 8 against
-   transformers' ``generate``.
+   transformers' ``generate``, and doge with CUDA graphs against doge decoding eagerly (same tokens?).
+6. graphs: ``tests/inference/test_graphs.py`` on the GPU: the captured decoding graphs choose, token for
+   token, what eager decoding chooses (fp32 and bf16, continuous batching, cache growth).
+
+Each part's section is printed as soon as it ends, so a run cut short still reports what it did.
+``--parts`` picks parts (in the order given); ``--quick`` shrinks them for a short lease (the kernel's
+speed budget 45 s, training at Doge-20M only, one generation round); ``--report FILE`` also writes the
+report there.
 
 ``--smoke`` runs the same parts at tiny sizes on the CPU (the kernel under triton's interpreter, fp32,
 a 1M model for a few steps) so the script cannot rot; a test runs it.
 
-    python benchmarks/gpu_check.py [--smoke] [--keep DIR]
+    python benchmarks/gpu_check.py [--smoke] [--quick] [--parts graphs,generation,...] [--keep DIR] [--report FILE]
 """
 
 from __future__ import annotations
@@ -72,9 +79,10 @@ def _tail(text: str, lines: int = 6) -> str:
     return " | ".join(text.strip().splitlines()[-lines:])
 
 
-def kernels(smoke: bool) -> Part:
+def kernels(smoke: bool, quick: bool = False) -> Part:
     part = Part("kernels: correctness (compiled, fp32/bf16/fp16, D 64/128) and speed")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py")] + (["--smoke"] if smoke else ["--budget-s", "120"])
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "kernels_gpu.py")] + \
+        (["--smoke"] if smoke else ["--budget-s", "45" if quick else "120"])
     done = _run(cmd, smoke, timeout=420)
     out = done.stdout
     if done.returncode != 0 or "correctness: all passed" not in out:
@@ -128,7 +136,7 @@ def train_run(data: Path, tok: Path, out: Path, size: str, backend: str, steps: 
             "seconds": time.perf_counter() - started, "log": done.stdout}
 
 
-def training(root: Path, smoke: bool) -> tuple[Part, dict]:
+def training(root: Path, smoke: bool, quick: bool = False) -> tuple[Part, dict]:
     part = Part("training: doge train pt --hardware auto, every attention backend")
     runs: dict = {}
     try:
@@ -137,7 +145,7 @@ def training(root: Path, smoke: bool) -> tuple[Part, dict]:
         part.fail(str(err))
         return part, runs
     runs["data"] = (data, tok)
-    shapes = [("1M", 3, 4)] if smoke else [("20M", 100, 32), ("160M", 50, 16)]
+    shapes = [("1M", 3, 4)] if smoke else [("20M", 100, 32)] + ([] if quick else [("160M", 50, 16)])
     tolerance = 0.01 if smoke else 0.05
     part.lines += ["| size | attention | steps x batch | tokens/s | MFU | peak memory GB | preset's estimate GB | "
                    "last loss |", "|---|---|---|---|---|---|---|---|"]
@@ -200,21 +208,45 @@ def zero2(root: Path, smoke: bool, runs: dict) -> Part:
     return part
 
 
-def generation(smoke: bool) -> Part:
-    part = Part("generation: doge's engine vs transformers' generate")
-    args = ["--quick", "--rounds", "1", "--new", "8"] if smoke else ["--rounds", "2", "--device", "cuda"]
+def generation(smoke: bool, quick: bool = False) -> Part:
+    part = Part("generation: doge's engine vs transformers' generate; CUDA graphs vs eager decoding")
+    args = ["--quick", "--rounds", "1", "--new", "8"] if smoke else ["--rounds", "1" if quick else "2", "--device", "cuda"]
     done = _run([sys.executable, str(ROOT / "benchmarks" / "generation.py"), *args], smoke, timeout=420)
     if done.returncode != 0:
         part.fail(f"generation.py exited {done.returncode}: {_tail(done.stderr)}")
-    part.lines += [ln for ln in done.stdout.splitlines() if ln.startswith(("|", "median", "machine"))]
+    part.lines += [ln for ln in done.stdout.splitlines() if ln.startswith(("|", "median", "machine", "CUDA graphs"))]
     return part
+
+
+def graphs(smoke: bool) -> Part:
+    part = Part("graphs: the CUDA-graph decoding step against eager decoding (tests/inference/test_graphs.py)")
+    done = _run([sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider",
+                 str(ROOT / "tests" / "inference" / "test_graphs.py")], smoke, timeout=300)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    part.lines.append(f"pytest: {summary}")
+    if done.returncode != 0:
+        part.fail(f"pytest exited {done.returncode}: {_tail(done.stdout + done.stderr, 30)}")
+    elif not smoke and "skipped" in summary:
+        part.fail("the GPU tests were skipped")
+    return part
+
+
+PARTS = ("kernels", "training", "reference", "zero2", "generation", "graphs")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (triton's interpreter)")
     parser.add_argument("--keep", help="keep the data and runs in this folder (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help="shorter parts, for a short GPU lease")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, run in this order ({', '.join(PARTS)})")
+    parser.add_argument("--report", help="also write the report to this file")
     args = parser.parse_args(argv)
+    chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PARTS]
+    if unknown:
+        print(f"gpu-check: unknown part(s) {', '.join(unknown)}; parts: {', '.join(PARTS)}", file=sys.stderr)
+        return 2
     if not args.smoke:
         import torch
 
@@ -226,32 +258,39 @@ def main(argv: list[str] | None = None) -> int:
     else:
         device = "CPU smoke run (triton interpreter, tiny sizes; figures mean nothing)"
     started = time.perf_counter()
+    report = [f"## gpu-check on {device}" + (" (--quick)" if args.quick else "") + "\n"]
+
+    def emit(text: str) -> None:
+        print(text, flush=True)
+        report.append(text)
+        if args.report:
+            Path(args.report).write_text("\n".join(report) + "\n")
+
+    emit(report.pop())
     with tempfile.TemporaryDirectory(prefix="doge-gpu-check-") as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         parts: list[Part] = []
-
-        def timed(make):
+        runs: dict = {}
+        makers = {"kernels": lambda: kernels(args.smoke, args.quick),
+                  "training": lambda: training(root, args.smoke, args.quick),
+                  "reference": lambda: reference(args.smoke),
+                  "zero2": lambda: zero2(root, args.smoke, runs),
+                  "generation": lambda: generation(args.smoke, args.quick),
+                  "graphs": lambda: graphs(args.smoke)}
+        for name in chosen:
             t0 = time.perf_counter()
-            result = make()
+            result = makers[name]()
             part = result[0] if isinstance(result, tuple) else result
+            if name == "training":
+                runs.update(result[1])
             part.seconds = time.perf_counter() - t0
             parts.append(part)
-            print(f"gpu-check: {part.name}: {'passed' if part.ok else 'FAILED'} ({part.seconds:.0f} s)", flush=True)
-            return result
-
-        timed(lambda: kernels(args.smoke))
-        _, runs = timed(lambda: training(root, args.smoke))
-        timed(lambda: reference(args.smoke))
-        timed(lambda: zero2(root, args.smoke, runs))
-        timed(lambda: generation(args.smoke))
-    print(f"\n## gpu-check on {device}\n")
-    for part in parts:
-        print(f"### {part.name}: {'passed' if part.ok else 'FAILED'} ({part.seconds:.0f} s)\n")
-        print("\n".join(part.lines) + "\n")
+            emit(f"### {part.name}: {'passed' if part.ok else 'FAILED'} ({part.seconds:.0f} s)\n\n"
+                 + "\n".join(part.lines) + "\n")
     failed = [p.name for p in parts if not p.ok]
-    print(f"gpu-check: {len(parts) - len(failed)}/{len(parts)} parts passed in {time.perf_counter() - started:.0f} s"
-          + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
+    emit(f"gpu-check: {len(parts) - len(failed)}/{len(parts)} parts passed in {time.perf_counter() - started:.0f} s"
+         + (f"; FAILED: {'; '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 

@@ -217,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             rounds.append(results)
     print(f"\nDoge-{args.size}, seq {args.seq_len}, batch {args.batch}, {args.steps} steps, {args.precision}, "
           f"median after {WARMUP} warm-up steps, {args.repeats} alternating round(s)")
-    print("| round | stack | tokens/s | peak RSS (GB) | training memory (GB) | loss at last step |")
+    # On a GPU both memory columns are the peak of torch.cuda.max_memory_allocated (the process's GPU memory).
+    peak = "peak GPU memory (GB)" if args.device != "cpu" else "peak RSS (GB)"
+    print(f"| round | stack | tokens/s | {peak} | training memory (GB) | loss at last step |")
     print("|---|---|---|---|---|---|")
     ratios = []
     for i, results in enumerate(rounds, 1):
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{ratios[-1][3]:.2%} apart |")
     print("losses per step (last round):", {k: [round(x, 4) for x in v["losses"]] for k, v in rounds[-1].items()})
     med = [statistics.median(r[k] for r in ratios) for k in range(4)]
-    print(f"median over rounds, doge / reference: speed {med[0]:.2f}x, peak RSS {med[1]:.2f}x, "
+    print(f"median over rounds, doge / reference: speed {med[0]:.2f}x, {peak.split(' (')[0]} {med[1]:.2f}x, "
           f"training memory {med[2]:.2f}x, loss {med[3]:.2%} apart")
 
 

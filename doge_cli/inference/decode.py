@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from doge_cli.model.attention import top_keys
 from doge_cli.model.modeling import MLP, head_dim, is_legacy
 
 
@@ -104,6 +105,29 @@ class Decoder:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """(n,) tokens at (n,) RoPE positions, one per row of the cache's window -> (n, V) fp32 logits."""
         key_mask = cache.begin(1, None)
+        return self._forward(tokens, positions, cache.dtype, key_mask, cache.update)
+
+    @torch.no_grad()
+    def static_step(self, tokens: torch.Tensor, positions: torch.Tensor, at: torch.Tensor, cache) -> torch.Tensor:
+        """The same step over fixed shapes, for a CUDA graph (:mod:`.graphs`): rows ``0 .. n`` of the cache
+        (``n = len(tokens)``), each writing its new key at its own position ``at`` (device tensors, so
+        nothing here depends on host values), attending over the cache's whole capacity with the
+        cache's validity mask. The caller reserves the positions first (``cache.begin``). Invalid
+        positions are masked to a finite minimum, so a row with no valid key (a free row padding a graph's
+        batch) computes finite garbage rather than NaN."""
+        n = tokens.shape[0]
+        index = torch.arange(n, device=tokens.device)
+
+        def write(layer: int, k, v, bias):
+            keys, values, biases = cache.keys[layer][:n], cache.values[layer][:n], cache.biases[layer][:n]
+            keys[index, :, at] = k[:, :, 0]
+            values[index, :, at] = v[:, :, 0]
+            biases[index, :, at] = bias[:, :, 0]
+            return keys, values, biases
+
+        return self._forward(tokens, positions, cache.dtype, cache.valid[:n], write)
+
+    def _forward(self, tokens, positions, cache_dtype, key_mask, write) -> torch.Tensor:
         h = F.embedding(tokens, self.embed)[:, None]  # (n, 1, H)
         if h.dtype != self.dtype:
             h = h.to(self.dtype)
@@ -111,7 +135,8 @@ class Decoder:
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, None]  # (n, 1, 1, D): every head of the one position
         cos, sin = (emb.cos() * self.rope_scaling).to(self.dtype), (emb.sin() * self.rope_scaling).to(self.dtype)
         for i, lw in enumerate(self.layers):
-            h = lw.res1 * h + self._attention(i, lw, _rms(h, lw.ln1, lw.ln1_eps), cos, sin, cache, key_mask)
+            attn = self._attention(i, lw, _rms(h, lw.ln1, lw.ln1_eps), cos, sin, cache_dtype, key_mask, write)
+            h = lw.res1 * h + attn
             x = _rms(h, lw.ln2, lw.ln2_eps)
             if lw.dense:
                 gate, up = F.linear(x, lw.gu_w, lw.gu_b).chunk(2, dim=-1)
@@ -121,7 +146,7 @@ class Decoder:
             h = lw.res2 * h + m
         return F.linear(_rms(h[:, 0], self.norm, self.norm_eps), self.head).float()
 
-    def _attention(self, i: int, lw: _Layer, x, cos, sin, cache, key_mask) -> torch.Tensor:
+    def _attention(self, i: int, lw: _Layer, x, cos, sin, cache_dtype, key_mask, write) -> torch.Tensor:
         n, d, hq, hkv = x.shape[0], self.d, self.hq, self.hkv
         qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
         qk = qkv[..., :lw.q_out + lw.kv_out].view(n, 1, hq + hkv, d)
@@ -133,10 +158,10 @@ class Decoder:
         q, k = qk[:, :hq], qk[:, hq:]
         bias = torch.exp(lw.a * F.softplus(F.linear(v, lw.dt_w, lw.dt_b))).transpose(1, 2)  # (n, Hb, 1)
         v = v.view(n, 1, hkv, d).transpose(1, 2)
-        if cache.dtype != self.dtype:
-            k, v, bias = k.to(cache.dtype), v.to(cache.dtype), bias.to(cache.dtype)
-        keys, values, biases = cache.update(i, k, v, bias)
-        if cache.dtype != self.dtype:
+        if cache_dtype != self.dtype:
+            k, v, bias = k.to(cache_dtype), v.to(cache_dtype), bias.to(cache_dtype)
+        keys, values, biases = write(i, k, v, bias)
+        if cache_dtype != self.dtype:
             keys, values, biases = keys.to(self.dtype), values.to(self.dtype), biases.to(self.dtype)
         if self.legacy and hq != hkv:  # one bias per query head: every query head its own kv copy
             keys, values = keys.repeat_interleave(hq // hkv, dim=1), values.repeat_interleave(hq // hkv, dim=1)
@@ -145,12 +170,12 @@ class Decoder:
         scores = scores.mul_(d**-0.5).add_(biases[:, :, None, :])  # (n, heads, g, Tk)
         allowed = None if key_mask is None else key_mask[:, None, None, :]
         if keys.shape[2] > self.keep:
-            from doge_cli.model.attention import top_keys
-
             base = allowed if allowed is not None else torch.ones(n, 1, 1, keys.shape[2], dtype=torch.bool,
                                                                   device=x.device)
             allowed = top_keys(biases, base, 1, None, key_mask, self.keep)  # (n, heads, 1, Tk)
         if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
+            # A finite minimum, not -inf: the same probabilities wherever a key is allowed (exp underflows
+            # to 0 either way), and no NaN in a row that allows none (static_step's padding rows).
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (n, heads, g, D)
         return F.linear(out.reshape(n, 1, hq * d), lw.o_w, lw.o_b)

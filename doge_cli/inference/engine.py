@@ -9,7 +9,9 @@
   the same prompt (GRPO's group) are prefilled once and the row is copied. Only each prompt's last
   position goes through the LM head.
 - **Decoding** is one forward of one token per active request. Requests admitted at different times
-  have different lengths: each writes at its own row offset and sees only its own keys.
+  have different lengths: each writes at its own row offset and sees only its own keys. On a GPU the
+  step is replayed as a CUDA graph (:mod:`.graphs`; ``cuda_graphs=False`` or ``DOGE_CUDA_GRAPHS=0``
+  decodes eagerly).
 - **Continuous batching**: :meth:`Engine.submit` queues a request and :meth:`Engine.step` admits queued
   requests into free rows between decoding steps; :meth:`Engine.generate` runs a list to the end.
 - **Per-request sampling** (:mod:`.sampling`): each request has its own settings and random stream, so
@@ -24,6 +26,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ import torch
 
 from doge_cli.chat_format import config_eos_ids
 from doge_cli.inference.decode import decoder_for
+from doge_cli.inference.graphs import GraphedDecoder
 from doge_cli.inference.sampling import RowSampler, SamplingParams, choose_tokens
 from doge_cli.inference.streaming import TextStream
 
@@ -89,7 +93,10 @@ class _Running:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, stop_token_ids: list[int] | None = None,
-                 stop_together: Callable[[bool], bool] | None = None):
+                 stop_together: Callable[[bool], bool] | None = None, cuda_graphs: bool | None = None):
+        """``cuda_graphs``: decode through CUDA graphs (:mod:`.graphs`). None: on a GPU unless the
+        environment sets ``DOGE_CUDA_GRAPHS=0``; True on a CPU runs the graphed step's code eagerly
+        (what the tests compare with the eager step); ignored where the weights are sharded."""
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
         self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else config_eos_ids(model.config)
@@ -100,6 +107,11 @@ class Engine:
         if self.decoder is None:
             _say_once("generation: the weights are sharded across processes, so decoding runs through the "
                       "model's forward (slower than the engine's own decoding step)")
+        if cuda_graphs is None:
+            cuda_graphs = model.device.type == "cuda" and os.environ.get("DOGE_CUDA_GRAPHS", "1") != "0"
+        self.graphs = None
+        if cuda_graphs and self.decoder is not None:
+            self.graphs = GraphedDecoder(self.decoder, max_batch, self._pad_id(), capture=model.device.type == "cuda")
         self.cache = None
         self.running: list[_Running] = []  # row i of the cache holds running[i]
         self.queue: deque[Request] = deque()
@@ -204,19 +216,32 @@ class Engine:
     def _decode(self) -> list[Request]:
         n = len(self.running)
         device = self.model.device
-        tokens = torch.tensor([[r.request.token_ids[-1]] for r in self.running], device=device)
-        positions = torch.tensor([[r.position] for r in self.running], device=device)
         self.cache.window(0, n)
-        if self.decoder is not None:
-            logits = self.decoder(tokens[:, 0], positions[:, 0], self.cache)
+        token_ids, positions = [r.request.token_ids[-1] for r in self.running], [r.position for r in self.running]
+        if self.graphs is not None:
+            logits = self._graphed(token_ids, positions)
+        elif self.decoder is not None:
+            logits = self.decoder(torch.tensor(token_ids, device=device), torch.tensor(positions, device=device),
+                                  self.cache)
         else:
-            out = self.model(tokens, position_ids=positions, past_key_values=self.cache, return_hidden_states=True)
+            out = self.model(torch.tensor(token_ids, device=device)[:, None],
+                             position_ids=torch.tensor(positions, device=device)[:, None],
+                             past_key_values=self.cache, return_hidden_states=True)
             logits = self._logits(out.hidden_states[:, -1])
         tokens, logprobs = choose_tokens(logits, [r.sampler for r in self.running],
                                          [r.request.logprobs for r in self.running])
         for running, token, logprob in zip(self.running, tokens, logprobs):
             self._take(running, token, logprob)
         return self._retire()
+
+    def _graphed(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """The step through CUDA graphs; a capture that fails is said once, and decoding goes on eagerly."""
+        logits = self.graphs(token_ids, positions, self.cache)
+        if self.graphs.failed is not None:
+            _say_once(f"generation: capturing the decoding step as a CUDA graph failed ({self.graphs.failed}); "
+                      "decoding eagerly instead (slower)")
+            self.graphs = None
+        return logits
 
     def _idle_forward(self) -> None:
         """A forward whose result is dropped, for a process with nothing left to generate (stop_together)."""

@@ -179,8 +179,20 @@ def _sdpa_dense_mask(q, k, v, bias, *, scale, doc_ids, key_padding_mask, keep_wi
     return out * has_key.to(out.dtype)
 
 
+def _autocast_inputs(q, k, v):
+    """q, k, v in autocast's dtype when autocast is on, as SDPA (an autocast op) receives them. Under
+    autocast q and k leave the fp32 RMSNorm in fp32 while v leaves its projection in bf16; the triton and
+    flex backends are not autocast ops, so they would see mixed dtypes (the kernel refuses them)."""
+    kind = q.device.type
+    if torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    return q, k, v
+
+
 def triton_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None, keep_window_size=None):
     """The fused Triton kernel from ``doge_cli.kernels.dma_attention`` (imported on first use)."""
+    q, k, v = _autocast_inputs(q, k, v)
     return _triton_fn()(
         q, k, v, bias, scale=scale, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
         keep_window_size=keep_window_size,
@@ -209,6 +221,7 @@ def flex_attention(q, k, v, bias, *, scale, doc_ids=None, key_padding_mask=None,
     ``block_mask`` (from :func:`build_block_mask`) is built once per batch and shared by all layers;
     when it is None one is built here. Lives in ``doge_cli.model.flex`` (imported on first use).
     """
+    q, k, v = _autocast_inputs(q, k, v)
     return _flex("flex_attention")(
         q, k, v, bias, scale=scale, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
         keep_window_size=keep_window_size, block_mask=block_mask,

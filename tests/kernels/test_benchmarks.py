@@ -48,7 +48,8 @@ def test_gpu_check_smoke(capsys):
     """`make gpu-check SMOKE=1`: every part of the GPU check at tiny sizes on the CPU (a few minutes)."""
     assert _load("gpu_check").main(["--smoke"]) == 0
     out = capsys.readouterr().out
-    assert "gpu-check: 5/5 parts passed" in out, out[-3000:]
+    assert "gpu-check: 6/6 parts passed" in out, out[-3000:]
+    assert "pytest: " in out and " passed" in out.split("pytest: ")[1].splitlines()[0]  # the graphs part's tests
     trained = [line for line in out.splitlines() if line.startswith("| 1M | ")]
     assert [line.split("|")[2].strip() for line in trained] == ["triton", "sdpa", "flex"]
     assert "last losses 0.00% apart across backends" in out

@@ -239,6 +239,29 @@ def test_triton_backend_runs_the_kernel_itself(monkeypatch):
     assert len(calls) == config.num_hidden_layers
 
 
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_backends_that_are_not_autocast_ops_run_under_bf16_autocast_like_sdpa(backend):
+    """Under autocast q and k leave the fp32 RMSNorm in fp32 and v its projection in bf16: SDPA casts
+    them to bf16 itself, the triton and flex backends get the same cast (the kernel refused the mixed
+    dtypes, which broke every bf16 training run on a GPU with the default backend)."""
+    skip_unavailable(backend)
+    config = tiny_config(keep_window_size=8)
+    ids = _batch("none")[0]
+    with torch.no_grad():
+        exact = ours_from(hf_twin(config), "eager")(ids, labels=ids)  # fp32
+    errors, losses = {}, {}
+    for name in ("sdpa", backend):
+        model = ours_from(hf_twin(config), name)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
+        errors[name] = rel_err(out.logits.detach().float(), exact.logits)
+        losses[name] = out.loss.item()
+    assert errors[backend] <= 1.25 * errors["sdpa"]  # bf16's error, as large as SDPA's and no larger
+    assert abs(losses[backend] - exact.loss.item()) / exact.loss.item() < 0.01
+
+
 def test_auto_passes_over_an_unusable_kernel_once_in_the_log(monkeypatch, caplog):
     import doge_cli.kernels as kernels
     from doge_cli.model import attention
