@@ -1,5 +1,5 @@
-"""Tokenize throughput of `doge data tokenize` (pt: Rust batch encoding + numpy packing) against a
-plain `datasets.map` + tokenizer baseline, on the builtin pretraining corpus, side by side.
+"""Tokenize throughput of `doge data tokenize` (pt: Rust batch encoding streamed into a 2-byte token
+stream) against a plain `datasets.map` + tokenizer baseline, on the builtin pretraining corpus, side by side.
 
     .venv/bin/python benchmarks/data_throughput.py [--tokenizer PATH] [--repeats 3]
 
@@ -31,7 +31,7 @@ def main() -> None:
 
     from doge_cli.data.builtin import BUILTIN_SOURCES, build_builtin_rows
     from doge_cli.data.download import download_recipe
-    from doge_cli.data.tokenization import tokenize_pt
+    from doge_cli.data.tokenization import tokenize_stages
     from doge_cli.data.tokenizer import load_tokenizer, train_tokenizer
 
     datasets.disable_progress_bars()
@@ -45,6 +45,8 @@ def main() -> None:
     tok = load_tokenizer(tok_path)
     rows = [r for name in pt_sources for r in build_builtin_rows(name)]
     corpus = datasets.Dataset.from_list(rows)
+    corpus_dir = work / "bench" / "pt" / "corpus"
+    corpus.save_to_disk(str(corpus_dir))
     mib = sum(len(r["text"].encode()) for r in rows) / 2**20
 
     # Both sides end with their token ids in an Arrow table and count them there (O(1) per row, no
@@ -54,8 +56,11 @@ def main() -> None:
         return int(pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py())
 
     def doge() -> int:
-        out = tokenize_pt(corpus, tok, args.max_length, progress=False)
-        return int(pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py())
+        import shutil
+
+        shutil.rmtree(work / "bench" / "tokenized", ignore_errors=True)
+        (manifest,) = tokenize_stages(tok_path, work / "bench", ["pt"], args.max_length, progress=False)
+        return manifest["tokens"]
 
     times: dict[str, list[float]] = {"baseline": [], "doge": []}
     tokens: dict[str, int] = {}
@@ -73,7 +78,7 @@ def main() -> None:
     print(f"{'method':<34}{'median s':>10}{'tokens/s':>14}")
     print(f"{'datasets.map + tokenizer (baseline)':<34}{statistics.median(times['baseline']):>10.2f}"
           f"{rate['baseline']:>14,.0f}")
-    print(f"{'doge tokenize pt (packed)':<34}{statistics.median(times['doge']):>10.2f}{rate['doge']:>14,.0f}")
+    print(f"{'doge tokenize pt (token stream)':<34}{statistics.median(times['doge']):>10.2f}{rate['doge']:>14,.0f}")
     print(f"ratio doge / baseline: {rate['doge'] / rate['baseline']:.2f}x")
 
 

@@ -95,19 +95,26 @@ def data_tokenize(
     pack: Annotated[bool, typer.Option("--pack", help="SFT/R1: several conversations per row.")] = False,
     identity: Annotated[str | None, typer.Option(
         "--identity", help="System turn added to rendered conversations, e.g. 'You are Doge, ...'.")] = None,
-    num_proc: Annotated[int | None, typer.Option("--num-proc", help="Processes for chat stages.")] = None,
+    num_proc: Annotated[int | None, typer.Option(
+        "--num-proc", help="Tokenizer threads (pt) or processes (chat stages); default: every core for pt.")] = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="pt only: tokenize part I of N of each source (I/N, 0 <= I < N), one per machine; "
+                        "`doge data merge` then reads all N.")] = None,
 ) -> None:
-    """Tokenize each stage's sources into <datasets-dir>/tokenized/<stage>/<source>/ (cached)."""
+    """Tokenize each stage's sources into <datasets-dir>/tokenized/<stage>/<source>/ (cached; pt resumes)."""
     from doge_cli.data.schema import DATA_STAGES
     from doge_cli.data.tokenization import tokenize_stages
     from doge_cli.errors import DogeError
 
     _quiet()
-    stages = stage or [s for s in DATA_STAGES if (datasets_dir / s).is_dir()]
+    stages = stage or (["pt"] if shard is not None else [s for s in DATA_STAGES if (datasets_dir / s).is_dir()])
     if not stages:
         raise DogeError(f"no stage folders under {datasets_dir}; run `doge data download` first")
+    from doge_cli.data.blocks import parse_shard
+
+    split = parse_shard(shard) if shard is not None else (0, 1)
     tokenize_stages(tokenizer, datasets_dir, stages, max_length, sources=source, pack=pack, identity=identity,
-                    num_proc=num_proc, log=typer.echo)
+                    num_proc=num_proc, shard=split, log=typer.echo)
 
 
 @app.command("merge")

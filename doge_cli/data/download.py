@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from doge_cli.data.builtin import BUILTIN_SOURCES, builtin_dataset
 from doge_cli.data.hub import HUB_SOURCES, load_hub_source
 from doge_cli.data.schema import DATA_STAGES, normalize
-from doge_cli.data.storage import save_dataset
+from doge_cli.data.storage import folder_bytes, save_dataset
 from doge_cli.errors import DogeError
-from doge_cli.io import check_component, check_replaceable
+from doge_cli.io import check_component, check_replaceable, write_json
 
 # The seed's pretraining mixture without python-edu: smollm-corpus's python-edu rows hold only Software
 # Heritage blob ids; the code itself sits in Software Heritage's S3 bucket, one object per file, which
@@ -87,7 +88,7 @@ def download_recipe(
             dest = save_dir / src.stage / name
             partial = dest.parent / f".{name}.partial"
             raw = load_hub_source(src, max_examples=max_examples, streaming=streaming, revision=revision,
-                                  hub_mirror=hub_mirror, partial_dir=partial)
+                                  hub_mirror=hub_mirror, partial_dir=partial, log=log)
             ds = normalize(raw, src.stage, src.fields, where=f"{src.repo}:{src.config or src.split}")
             if len(ds) == 0:
                 raise DogeError(f"{name}: no usable rows after normalizing; check the source")
@@ -111,8 +112,17 @@ def import_local(
     max_examples: int | None = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict:
-    """Read local files, map their fields onto ``stage``'s schema and save them as a source."""
-    from doge_cli.data.local import load_local
+    """Read local files, map their fields onto ``stage``'s schema and save them as a source.
+
+    The files are streamed a batch of rows at a time into the source's Arrow files, so memory does not
+    grow with the corpus. A problem found part-way (a bad line) leaves nothing behind.
+    """
+    import pyarrow as pa
+
+    from doge_cli.data.arrowio import DatasetWriter
+    from doge_cli.data.local import iter_local
+    from doge_cli.data.schema import arrow_schema, normalize_batch
+    from doge_cli.io import atomic_dir
 
     if stage not in DATA_STAGES:
         raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
@@ -124,16 +134,36 @@ def import_local(
         raise DogeError("--max-examples must be positive")
     dest = Path(save_dir) / stage / name
     check_replaceable(dest, f"source folder {stage}/{name}")
-    raw = load_local(path)
-    if max_examples is not None:
-        raw = raw.select(range(min(max_examples, len(raw))))
-    ds = normalize(raw, stage, fields, where=str(path))
-    if len(ds) == 0:
-        raise DogeError(f"{path}: no usable rows (all empty after mapping the fields)")
-    manifest = save_dataset(ds, dest, stage=stage, source=f"local:{path.resolve()}",
-                            extra={"fields": fields or {}})
+    batches = iter_local(path, max_examples)
+    first = next(batches)  # the file's own problems (missing, empty, unreadable) before anything is created
+    created = [p for p in (Path(save_dir), Path(save_dir) / stage) if not p.exists()]
+    try:
+        with atomic_dir(dest, kind=f"{stage} dataset") as tmp:
+            writer = None
+            for batch in _chain(first, batches):
+                rows = normalize_batch(batch, stage, fields, where=str(path))
+                if writer is None:
+                    writer = DatasetWriter(tmp, arrow_schema(stage, list(rows)))
+                writer.write(pa.table(rows, schema=writer.schema))
+            if writer is None or writer.rows == 0:
+                raise DogeError(f"{path}: no usable rows (all empty after mapping the fields)")
+            writer.close()
+            manifest = {"source": f"local:{path.resolve()}", "revision": None, "stage": stage, "rows": writer.rows,
+                        "columns": list(writer.schema.names), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "fields": fields or {}, "bytes": folder_bytes(tmp)}
+            write_json(tmp / "manifest.json", manifest)
+    except BaseException:
+        for folder in reversed(created):  # the folders this import made for itself, when left empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     log(f"{stage}/{name}: {manifest['rows']:,} rows, {manifest['bytes'] / 2**20:.1f} MiB")
     return manifest
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
 
 
 def _package_version(package: str) -> str | None:

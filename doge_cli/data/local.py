@@ -1,19 +1,22 @@
-"""Local files as a source: jsonl, json, parquet, csv and txt, one file or a folder of them.
+"""Local files as a source: jsonl, json, parquet, csv and txt, one file or a folder of them, read as a
+stream of row batches (memory is a batch, whatever the corpus size).
 
-A txt file gives one document per paragraph (blank-line separated). Problems a user can fix
-(bad UTF-8, a malformed JSON line, a missing field, nothing to read) become one-line errors
-that name the file and, where there is one, the line.
+A txt file gives one document per paragraph (blank-line separated); csv fields are read as text. A
+``.json`` file (one JSON array or object) is parsed whole: use jsonl for large corpora. Problems a user
+can fix (bad UTF-8, a malformed JSON line, a line that is not an object, nothing to read) become one-line
+errors that name the file and, where there is one, the line.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from doge_cli.errors import DogeError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+BATCH_ROWS = 8192
 
 
 def find_files(path: Path) -> tuple[str, list[Path]]:
@@ -36,80 +39,128 @@ def find_files(path: Path) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
-def check_utf8(path: Path) -> None:
-    """Raise a DogeError naming the line of the first byte that is not UTF-8."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    line = 1
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file, read a line at a time."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
+        for n, raw in enumerate(f, 1):
             try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                line += chunk[: err.start].count(b"\n")
-                raise DogeError(f"{path}:{line}: text is not UTF-8; re-encode the file as UTF-8") from err
-            line += chunk.count(b"\n")
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DogeError(f"{path}:{n}: text is not UTF-8; re-encode the file as UTF-8") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict]:
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        if line.lstrip()[:1] != "{":
+            raise DogeError(f"{path}:{n}: each JSON line must be an object such as {{\"text\": \"...\"}}; "
+                            "fix or remove that line")
         try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as err:
-            raise DogeError(f"{path}:{line}: text is not UTF-8 (truncated character at the end)") from err
-
-
-def check_json_lines(path: Path) -> None:
-    """Every non-blank line of a JSON Lines file must be an object (a row); a bare array or scalar would
-    otherwise be read as rows of an invented column."""
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            first = line.lstrip()[:1]
-            if first and first != b"{":
-                raise DogeError(f"{path}:{n}: each JSON line must be an object such as {{\"text\": \"...\"}}; "
-                                "fix or remove that line")
-
-
-def _find_bad_json(path: Path) -> DogeError | None:
-    if path.suffix == ".json":
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
-            return DogeError(f"{path}:{err.lineno}: malformed JSON ({err.msg}); fix the file")
-        return None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                return DogeError(f"{path}:{n}: malformed JSON line ({err.msg}); fix or remove that line")
-            if not isinstance(obj, dict):
-                return DogeError(f"{path}:{n}: each JSON line must be an object, got {type(obj).__name__}")
-    return None
+            raise DogeError(f"{path}:{n}: malformed JSON line ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):  # pragma: no cover - a line starting with "{" parses to an object
+            raise DogeError(f"{path}:{n}: each JSON line must be an object, got {type(row).__name__}")
+        yield row
 
 
-def load_local(path: Path):
-    """Read local data files into a ``datasets.Dataset`` (raw columns, not yet normalized)."""
-    import datasets
-
-    builder, files = find_files(path)
-    if builder != "parquet":
-        for f in files:
-            check_utf8(f)
-            if f.suffix == ".jsonl":
-                check_json_lines(f)
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    verbosity = datasets.logging.get_verbosity()
-    # Its loaders log a parse failure (at ERROR) before raising; doge says it once, in its own line.
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+def _json_rows(path: Path) -> Iterator[dict]:
+    text = "\n".join(line for _, line in _lines(path))
     try:
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
-    except Exception as err:  # datasets wraps parser errors; find the line ourselves
-        if builder == "json":
-            for f in files:
-                bad = _find_bad_json(f)
-                if bad is not None:
-                    raise bad from err
-        raise DogeError(f"cannot read {path} as {builder}: {' '.join(str(err).split())[:200]}") from err
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-    if len(ds) == 0:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DogeError(f"{path}:{err.lineno}: malformed JSON ({err.msg}); fix the file") from None
+    if isinstance(data, dict):  # {"data": [...]} as datasets' json loader reads, or columns of equal length
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(data) == 1 and lists and all(isinstance(r, dict) for r in lists[0]):
+            data = lists[0]
+        elif lists and len(lists) == len(data) and len({len(v) for v in lists}) == 1:
+            data = [dict(zip(data, values)) for values in zip(*data.values())]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DogeError(f"{path}: expected a JSON array of objects (rows); use jsonl with one object per line")
+    yield from data
+
+
+def _txt_rows(path: Path) -> Iterator[dict]:
+    paragraph: list[str] = []
+    for _, line in _lines(path):
+        line = line.rstrip("\r\n")
+        if line.strip():
+            paragraph.append(line)
+        elif paragraph:
+            yield {"text": "\n".join(paragraph)}
+            paragraph = []
+    if paragraph:
+        yield {"text": "\n".join(paragraph)}
+
+
+def _columnar_batches(path: Path, builder: str) -> Iterator[dict[str, list]]:
+    import pyarrow as pa
+
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=BATCH_ROWS):
+                yield batch.to_pydict()
+            return
+        import csv
+
+        import pyarrow.csv as pcsv
+
+        with open(path, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), None)
+        if not header:
+            raise DogeError(f"{path} has no header row; the first line must name the columns")
+        reader = pcsv.open_csv(str(path), convert_options=pcsv.ConvertOptions(
+            column_types={name: pa.string() for name in header}, strings_can_be_null=False))
+        for batch in reader:
+            yield batch.to_pydict()
+    except UnicodeDecodeError:
+        raise DogeError(f"{path}: text is not UTF-8; re-encode the file as UTF-8") from None
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DogeError(f"cannot read {path} as {builder}: {' '.join(str(err).split())[:200]}") from None
+
+
+def iter_local(path: Path, max_rows: int | None = None) -> Iterator[dict[str, list]]:
+    """Batches of rows (column -> values, every column seen so far in every batch, None where a row lacks it)
+    from the data files at ``path``, at most ``max_rows`` rows in all; raises a DogeError when there are none."""
+    builder, files = find_files(path)
+    seen: dict[str, None] = {}
+    total = 0
+
+    def columns(rows: list[dict]) -> dict[str, list]:
+        for row in rows:
+            for key in row:
+                seen.setdefault(key)
+        return {key: [row.get(key) for row in rows] for key in seen}
+
+    for f in files:
+        if builder in ("parquet", "csv"):
+            for batch in _columnar_batches(f, builder):
+                rows = len(next(iter(batch.values()), []))
+                if max_rows is not None and total + rows > max_rows:
+                    batch = {k: v[:max_rows - total] for k, v in batch.items()}
+                    rows = max_rows - total
+                for key in batch:
+                    seen.setdefault(key)
+                total += rows
+                yield {key: batch.get(key, [None] * rows) for key in seen}
+                if max_rows is not None and total >= max_rows:
+                    return
+            continue
+        reader = _jsonl_rows(f) if f.suffix == ".jsonl" else _json_rows(f) if builder == "json" else _txt_rows(f)
+        pending: list[dict] = []
+        for row in reader:
+            pending.append(row)
+            total += 1
+            if len(pending) >= BATCH_ROWS or (max_rows is not None and total >= max_rows):
+                yield columns(pending)
+                pending = []
+                if max_rows is not None and total >= max_rows:
+                    return
+        if pending:
+            yield columns(pending)
+    if total == 0:
         raise DogeError(f"{path} holds no rows")
-    return ds

@@ -1,6 +1,7 @@
 """``doge data merge``: mix a stage's tokenized sources by ratio, shuffle, split off a test set.
 
-Everything is Arrow column work (``select`` with index arrays, ``concatenate_datasets``,
+Pretraining is merged as an index: which block of which tokenized source each row is (a few bytes a row,
+no second copy of the tokens; ``doge_cli.data.blocks``). The other stages: everything is Arrow column work (``select`` with index arrays, ``concatenate_datasets``,
 ``shuffle``), never a Python loop over rows. Per source, the test rows are taken first from a
 seeded permutation and the train rows from the rest, so test and train never share a row; a
 source too small for its train share is repeated (whole epochs of it, then a seeded part).
@@ -136,38 +137,27 @@ def merge_stage(
     """Merge ``tokenized/<stage>/*`` into ``merged/<stage>``; returns the manifest.
 
     ``train_examples=None`` takes as many rows as the mixture allows without repeating any source.
+    Pretraining is merged as an index over the tokenized sources' blocks (no second copy of the tokens);
+    the other stages as a DatasetDict.
     """
-    import datasets
-
     if stage not in DATA_STAGES:
         raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
     if test_examples < 0 or (train_examples is not None and train_examples <= 0):
         raise DogeError("--train-examples must be positive and --test-examples not negative")
     out = Path(out) if out is not None else Path(datasets_dir) / "merged" / stage
     check_replaceable(out, "merge output")
+    if stage == "pt":
+        return _merge_pt(Path(datasets_dir), out, train_examples=train_examples, test_examples=test_examples,
+                         seed=seed, ratios=ratios, log=log)
+    import datasets
+
     dirs, made_with = _tokenized_sources(Path(datasets_dir) / "tokenized" / stage, stage)
     parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
     weights, sizes, train_examples = _mixture({n: len(ds) for n, ds in parts.items()}, dict(ratios or {}), stage,
                                               train_examples, test_examples)
-    share = {n: weights[n] / sum(weights[m] for m in sizes) for n in sizes}
-    test_counts = plan_counts(sizes, share, test_examples)
-    train_counts = plan_counts(sizes, share, train_examples)
-
-    rng = np.random.default_rng(seed)
-    train_parts, test_parts, used = [], [], {}
-    for name in sizes:
-        order = rng.permutation(sizes[name])
-        n_test = test_counts[name]
-        if n_test >= sizes[name]:
-            raise DogeError(f"source {name} has {sizes[name]} rows, too few for {n_test} test rows; lower --test-examples")
-        test_idx, train_pool = order[:n_test], order[n_test:]
-        train_idx = _take(rng, train_pool, train_counts[name])
-        test_parts.append(parts[name].select(test_idx))
-        train_parts.append(parts[name].select(train_idx))
-        used[name] = {"train": int(len(train_idx)), "test": int(n_test), "available": sizes[name],
-                      "weight": weights[name], "repeats": round(len(train_idx) / max(1, len(train_pool)), 3)}
-        log(f"{name}: {len(train_idx):,} train + {n_test:,} test of {sizes[name]:,} rows (weight {weights[name]:g})")
-
+    picked, used = _pick_rows(sizes, weights, train_examples, test_examples, seed, log)
+    train_parts = [parts[name].select(train_idx) for name, (train_idx, _) in picked.items()]
+    test_parts = [parts[name].select(test_idx) for name, (_, test_idx) in picked.items()]
     with inputs_untouched():  # flatten_indices would leave cache files in the tokenized source folders
         train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
         test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
@@ -181,3 +171,91 @@ def merge_stage(
         write_json(tmp / "manifest.json", manifest)
     log(f"merged {stage}: {len(train):,} train, {len(test):,} test -> {out}")
     return manifest
+
+
+def _pick_rows(sizes: dict[str, int], weights: dict[str, float], train_examples: int, test_examples: int, seed: int,
+               log: Callable[[str], None]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, dict]]:
+    """Per source, the rows of train and of test (disjoint): ``{name: (train_idx, test_idx)}`` and what was
+    taken from each."""
+    share = {n: weights[n] / sum(weights[m] for m in sizes) for n in sizes}
+    test_counts = plan_counts(sizes, share, test_examples)
+    train_counts = plan_counts(sizes, share, train_examples)
+    rng = np.random.default_rng(seed)
+    picked, used = {}, {}
+    for name in sizes:
+        order = rng.permutation(sizes[name])
+        n_test = test_counts[name]
+        if n_test >= sizes[name]:
+            raise DogeError(f"source {name} has {sizes[name]} rows, too few for {n_test} test rows; lower --test-examples")
+        test_idx, train_pool = order[:n_test], order[n_test:]
+        train_idx = _take(rng, train_pool, train_counts[name])
+        picked[name] = (train_idx, test_idx)
+        used[name] = {"train": int(len(train_idx)), "test": int(n_test), "available": sizes[name],
+                      "weight": weights[name], "repeats": round(len(train_idx) / max(1, len(train_pool)), 3)}
+        log(f"{name}: {len(train_idx):,} train + {n_test:,} test of {sizes[name]:,} rows (weight {weights[name]:g})")
+    return picked, used
+
+
+def _merge_pt(datasets_dir: Path, out: Path, *, train_examples, test_examples, seed, ratios, log) -> dict:
+    """Pretraining: ``{split}-source.npy`` / ``{split}-block.npy`` say which block of which tokenized source
+    each row is, in the order a DatasetDict merge of the same blocks would hold them (the same per-source
+    picks and the same seeded shuffles); memory and disk are a few bytes a row, not a copy of the tokens."""
+    import os
+
+    from doge_cli.data.blocks import INDEX_FORMAT, VERSION, TokenStream
+
+    base = datasets_dir / "tokenized" / "pt"
+    dirs = sorted(p for p in base.glob("*") if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise DogeError(f"no tokenized pt data under {base}; run `doge data tokenize --stage pt` first")
+    streams = {p.name: TokenStream(p) for p in dirs}  # checks each source's shards (complete, one setting)
+    keys = {n: s.cache_key for n, s in streams.items()}
+    if len({k.get("tokenizer") for k in keys.values()}) > 1:
+        by = ", ".join(f"{n}: {k.get('tokenizer')}" for n, k in keys.items())
+        raise DogeError(f"the tokenized pt sources were made with different tokenizers ({by}); re-run "
+                        "`doge data tokenize --stage pt` with one tokenizer")
+    lengths = {s.max_length for s in streams.values()}
+    if len(lengths) > 1:
+        raise DogeError(f"the tokenized pt sources were made with different --max-length values "
+                        f"({', '.join(map(str, sorted(lengths)))}); re-run `doge data tokenize --stage pt` with one "
+                        "--max-length")
+    weights, sizes, train_examples = _mixture({n: s.blocks for n, s in streams.items()}, dict(ratios or {}), "pt",
+                                              train_examples, test_examples)
+    picked, used = _pick_rows(sizes, weights, train_examples, test_examples, seed, log)
+    names = list(picked)
+    if len(names) > np.iinfo(np.uint16).max:  # pragma: no cover - far beyond any mixture
+        raise DogeError("more than 65,535 pretraining sources; merge fewer")
+    splits = {}
+    for split, which, shuffle_seed in (("train", 0, seed), ("test", 1, seed + 1)):
+        source = np.concatenate([np.full(len(picked[n][which]), i, dtype=np.uint16) for i, n in enumerate(names)])
+        block = np.concatenate([picked[n][which].astype(np.int64) for n in names])
+        order = np.random.default_rng(shuffle_seed).permutation(len(block))  # datasets' shuffle(seed)
+        splits[split] = (source[order], block[order])
+    first = streams[names[0]]
+    manifest = {"format": INDEX_FORMAT, "version": VERSION, "stage": "pt", "seed": seed,
+                "train_rows": len(splits["train"][1]), "test_rows": len(splits["test"][1]),
+                "max_length": first.max_length, "tokenizer": _first_shard_manifest(first).get("tokenizer"),
+                "tokenizer_fingerprint": first.cache_key.get("tokenizer"),
+                "tokens": {"train": int(len(splits["train"][1])) * first.max_length,
+                           "test": int(len(splits["test"][1])) * first.max_length},
+                "sources": {n: {**used[n], "path": os.path.relpath(streams[n].folder.resolve(), out.resolve()),
+                                "build_ids": streams[n].build_ids, "tokens": streams[n].tokens,
+                                "documents": streams[n].documents} for n in names}}
+    with atomic_dir(out, kind="merged pt index") as tmp:
+        for split, (source, block) in splits.items():
+            np.save(tmp / f"{split}-source.npy", source)
+            np.save(tmp / f"{split}-block.npy", block)
+        manifest["bytes"] = folder_bytes(tmp)
+        write_json(tmp / "manifest.json", manifest)
+    tokens = sum(s.tokens for s in streams.values())
+    log(f"merged pt: {manifest['train_rows']:,} train, {manifest['test_rows']:,} test blocks of {first.max_length} "
+        f"-> {out} (an index over {tokens:,} tokenized tokens; {manifest['bytes'] / 2**20:.1f} MiB)")
+    for stream in streams.values():
+        stream.close()
+    return manifest
+
+
+def _first_shard_manifest(stream) -> dict:
+    from doge_cli.io import read_json_object
+
+    return read_json_object(stream.shards[0].folder / "manifest.json") or {}

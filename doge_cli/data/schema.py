@@ -56,13 +56,35 @@ def _prompt_messages(value: Any, where: str) -> list[dict]:
     return [{"role": "user", "content": "" if value is None else str(value)}]
 
 
+def _feature_kind(feature) -> str:
+    """What a datasets feature holds: ``string``, ``mixed``, ``list`` or an Arrow type name."""
+    dtype = getattr(feature, "dtype", None)
+    if dtype in ("string", "large_string"):
+        return "string"
+    if type(feature).__name__ == "Json":  # datasets' type for a column whose rows differ in type
+        return "mixed"
+    if dtype == "list" or (dtype is None and hasattr(feature, "feature")):
+        return "list"
+    return "struct" if dtype is None else str(dtype)
+
+
+def _values_kind(values: list) -> str:
+    """The same for Python values (a batch of a streamed local file)."""
+    kinds = {type(v) for v in values if v is not None}
+    if not kinds or kinds == {str}:
+        return "string"
+    if len(kinds) > 1:
+        return "mixed"
+    return {bool: "bool", int: "int64", float: "double", list: "list", dict: "struct"}.get(kinds.pop(), "object")
+
+
 class _Columns:
     """Finds the column that holds each canonical field of a source, and checks that text is text."""
 
-    def __init__(self, ds, stage: str, fields: dict[str, str] | None, where: str):
-        self.ds, self.stage, self.where = ds, stage, where
+    def __init__(self, columns, kind_of, stage: str, fields: dict[str, str] | None, where: str):
+        self.kind_of, self.stage, self.where = kind_of, stage, where
         self.fields = {k: v for k, v in (fields or {}).items() if v}
-        self.cols = set(ds.column_names)
+        self.cols = set(columns)
 
     def find(self, name: str, required: bool = True, fallbacks: tuple[str, ...] = ()) -> str | None:
         if name in self.fields:
@@ -82,14 +104,12 @@ class _Columns:
         """A column meant to hold text must be stored as text (or chat messages where those are allowed)."""
         if name is None:
             return
-        feature = self.ds.features[name]
-        dtype = getattr(feature, "dtype", None)
-        if dtype in ("string", "large_string"):
+        kind = self.kind_of(name)
+        if kind == "string":
             return
-        mixed = type(feature).__name__ == "Json"  # datasets' type for a column whose rows differ in type
-        if messages_ok and (mixed or (dtype is None and hasattr(feature, "feature"))):
+        if messages_ok and kind in ("mixed", "list"):
             return  # chat messages (a list per row): each row is checked when it is read
-        kind = "mixed (not only text)" if mixed else (dtype if dtype not in (None, "list") else "list")
+        kind = "mixed (not only text)" if kind == "mixed" else kind
         raise DogeError(f"{self.where}: field {name!r} (the {canonical}) holds {kind} values, not text; map a text "
                         f"column with --{canonical}-field or fix the file")
 
@@ -180,8 +200,36 @@ def normalize(ds, stage: str, fields: dict[str, str] | None = None, where: str =
     """
     if stage not in _ROWS:
         raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
-    fn, keep = _ROWS[stage](_Columns(ds, stage, fields, where))
+    columns = _Columns(ds.column_names, lambda name: _feature_kind(ds.features[name]), stage, fields, where)
+    fn, keep = _ROWS[stage](columns)
     out = ds.map(fn, batched=True, remove_columns=ds.column_names, desc=f"normalizing {where}")
+    return out.filter(lambda b: _kept(b[keep], keep), batched=True)
+
+
+def _kept(values: list, keep: str) -> list[bool]:
     if keep == "messages":
-        return out.filter(lambda b: [len(m) > 0 for m in b["messages"]], batched=True)
-    return out.filter(lambda b: [bool(str(x).strip()) for x in b[keep]], batched=True)
+        return [len(m) > 0 for m in values]
+    return [bool(str(x).strip()) for x in values]
+
+
+def normalize_batch(batch: dict[str, list], stage: str, fields: dict[str, str] | None = None,
+                    where: str = "dataset") -> dict[str, list]:
+    """:func:`normalize` for one batch of rows (column -> values), with each text column's values checked
+    in this batch: the streaming import of local files."""
+    if stage not in _ROWS:
+        raise DogeError(f"unknown stage {stage!r}; choose from: {', '.join(DATA_STAGES)}")
+    columns = _Columns(batch, lambda name: _values_kind(batch[name]), stage, fields, where)
+    fn, keep = _ROWS[stage](columns)
+    out = fn(batch)
+    mask = _kept(out[keep], keep)
+    return {k: [v for v, m in zip(values, mask) if m] for k, values in out.items()}
+
+
+def arrow_schema(stage: str, columns: list[str]):
+    """The Arrow schema a normalized batch of ``stage`` is stored in (``columns``: the ones it has)."""
+    import pyarrow as pa
+
+    message = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    types = {"text": pa.string(), "prompt": message if stage == "dpo" else pa.string(), "messages": message,
+             "chosen": pa.string(), "rejected": pa.string(), "answer": pa.string()}
+    return pa.schema([(c, types[c]) for c in columns])

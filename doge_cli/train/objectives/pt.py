@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from doge_cli.chat_format import config_eos
@@ -45,11 +46,9 @@ class PretrainObjective(Objective):
                             f"{cfg.data.max_length}; set data.max_length={length} or re-tokenize with --max-length")
 
     def collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = {"input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)}
-        if "position_ids" in rows[0]:
-            batch["position_ids"] = torch.tensor([r["position_ids"] for r in rows], dtype=torch.long)
-        if "attention_mask" in rows[0]:
-            batch["attention_mask"] = torch.tensor([r["attention_mask"] for r in rows], dtype=torch.long)
+        # Rows hold numpy arrays (merged block index) or lists (a DatasetDict): one stacked array either way.
+        batch = {k: torch.from_numpy(np.stack([np.asarray(r[k], dtype=np.int64) for r in rows]))
+                 for k in ("input_ids", "position_ids", "attention_mask") if k in rows[0]}
         labels = next_token_labels(batch["input_ids"], batch.get("position_ids"), batch.get("attention_mask"))
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         if pad is not None:

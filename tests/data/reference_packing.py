@@ -1,4 +1,7 @@
-"""Packing token streams into fixed-length blocks with document boundaries kept.
+"""The packer of doge's former pretraining format (int32 ``input_ids`` / ``position_ids`` columns), kept as
+the oracle of the token-stream format: the blocks ``doge_cli.data.blocks`` reads must equal these.
+
+Packing token streams into fixed-length blocks with document boundaries kept.
 
 Documents are laid end to end, each ending with EOS, and cut into ``max_length`` blocks instead
 of being truncated and padded one by one, so no token is lost. ``position_ids`` restart at 0 at
