@@ -29,8 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
-    """Write a jsonl corpus of about ``megabytes`` MB; returns the number of documents."""
+def make_corpus(path: Path, megabytes: float, seed: int = 0, stage: str = "pt") -> int:
+    """Write a jsonl corpus of about ``megabytes`` MB; returns the number of documents (pt) or
+    conversations of a user and an assistant turn (sft)."""
     from doge_cli.data.builtin import BUILTIN_SOURCES, build_builtin_rows
 
     paragraphs = []
@@ -43,7 +44,12 @@ def make_corpus(path: Path, megabytes: float, seed: int = 0) -> int:
     with open(path, "w", encoding="utf-8") as f:
         while written < target:
             text = "\n\n".join(rng.choice(paragraphs) for _ in range(rng.randint(1, 6)))
-            line = json.dumps({"text": text, "id": docs}, ensure_ascii=False) + "\n"
+            if stage == "sft":
+                row = {"messages": [{"role": "user", "content": rng.choice(paragraphs)},
+                                    {"role": "assistant", "content": text}]}
+            else:
+                row = {"text": text, "id": docs}
+            line = json.dumps(row, ensure_ascii=False) + "\n"
             f.write(line)
             written += len(line.encode("utf-8"))
             docs += 1
@@ -80,25 +86,25 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def run_size(work: Path, megabytes: float, tokenizer: str, env: dict, threads: list[int]) -> dict:
+def run_size(work: Path, megabytes: float, tokenizer: str, env: dict, threads: list[int], stage: str = "pt") -> dict:
     corpus = work / f"corpus-{megabytes:g}mb.jsonl"
-    docs = make_corpus(corpus, megabytes)
+    docs = make_corpus(corpus, megabytes, stage=stage)
     ds = work / f"datasets-{megabytes:g}"
     doge = [sys.executable, "-m", "doge_cli"]
     rows = {"docs": docs, "jsonl_mb": corpus.stat().st_size / 1e6}
-    rows["download"] = measure(doge + ["data", "download", "--local", str(corpus), "--stage", "pt", "--name", "synth",
+    rows["download"] = measure(doge + ["data", "download", "--local", str(corpus), "--stage", stage, "--name", "synth",
                                        "--save-dir", str(ds)], env)
+    rows["raw_bytes"] = folder_bytes(ds / stage / "synth")
     for n in threads:
         shutil.rmtree(ds / "tokenized", ignore_errors=True)
         rows[f"tokenize-{n}"] = measure(doge + ["data", "tokenize", "--tokenizer", tokenizer, "--datasets-dir", str(ds),
-                                                "--stage", "pt", "--max-length", "2048", "--num-proc", str(n)], env)
-    manifest = next((ds / "tokenized" / "pt" / "synth").rglob("manifest.json"))
+                                                "--stage", stage, "--max-length", "2048", "--num-proc", str(n)], env)
     rows["tokens"] = sum(json.loads(m.read_text())["tokens"]
-                         for m in (ds / "tokenized" / "pt" / "synth").rglob("manifest.json")) if manifest else 0
-    rows["tokenized_bytes"] = folder_bytes(ds / "tokenized" / "pt")
-    rows["merge"] = measure(doge + ["data", "merge", "--datasets-dir", str(ds), "--stage", "pt",
+                         for m in (ds / "tokenized" / stage / "synth").rglob("manifest.json"))
+    rows["tokenized_bytes"] = folder_bytes(ds / "tokenized" / stage)
+    rows["merge"] = measure(doge + ["data", "merge", "--datasets-dir", str(ds), "--stage", stage,
                                     "--test-examples", "100"], env)
-    rows["merged_bytes"] = folder_bytes(ds / "merged" / "pt")
+    rows["merged_bytes"] = folder_bytes(ds / "merged" / stage)
     shutil.rmtree(ds, ignore_errors=True)
     corpus.unlink()
     return rows
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="a tokenizer folder (default: a 32,768-token BPE trained on the builtin data)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count() or 1}", help="--num-proc values for tokenize")
     parser.add_argument("--keep", help="work in this folder and keep it")
+    parser.add_argument("--stage", default="pt", choices=["pt", "sft"], help="pretraining documents or chat "
+                        "conversations (sft: tokenize through the chat template, packed rows are not used)")
     args = parser.parse_args(argv)
     sizes = [float(s) for s in args.sizes.split(",")]
     threads = sorted({int(t) for t in args.threads.split(",")})
@@ -126,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                            env=env, check=True, capture_output=True)
             subprocess.run(doge + ["data", "train-tokenizer", "--out", tokenizer, "--vocab-size", "32768",
                                    "--datasets-dir", str(work / "qs")], env=env, check=True, capture_output=True)
-    results = {size: run_size(work, size, tokenizer, env, threads) for size in sizes}
+    results = {size: run_size(work, size, tokenizer, env, threads, args.stage) for size in sizes}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"tokenizer {tokenizer}; 2048-token blocks")
+          f"tokenizer {tokenizer}; stage {args.stage}; max length 2048")
     steps = ["download"] + [f"tokenize-{n}" for n in threads] + ["merge"]
     print("| corpus | tokens | command | seconds | tokens/s | peak RSS MB | peak anon MB |")
     print("|---|---|---|---|---|---|---|")
@@ -137,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             m = r[step]
             print(f"| {r['jsonl_mb']:,.0f} MB | {r['tokens']:,} | {step} | {m['seconds']:.1f} | "
                   f"{r['tokens'] / m['seconds']:,.0f} | {m['peak_rss_mb']:,.0f} | {m['peak_anon_mb']:,.0f} |")
-        print(f"| {r['jsonl_mb']:,.0f} MB | | bytes per token: tokenized {r['tokenized_bytes'] / r['tokens']:.2f}, "
-              f"merged {r['merged_bytes'] / r['tokens']:.3f} | | | | |")
+        print(f"| {r['jsonl_mb']:,.0f} MB | | bytes per token: jsonl {r['jsonl_mb'] * 1e6 / r['tokens']:.2f}, raw "
+              f"{r['raw_bytes'] / r['tokens']:.2f}, tokenized {r['tokenized_bytes'] / r['tokens']:.3f}, "
+              f"merged {r['merged_bytes'] / r['tokens']:.4f} | | | | |")
     if len(sizes) > 1:
         small, large = results[sizes[0]], results[sizes[-1]]
         ratios = ", ".join(f"{step} {large[step]['peak_rss_mb'] / small[step]['peak_rss_mb']:.2f}x" for step in steps)

@@ -1,8 +1,10 @@
 """``doge data merge``: mix a stage's tokenized sources by ratio, shuffle, split off a test set.
 
 Pretraining is merged as an index: which block of which tokenized source each row is (a few bytes a row,
-no second copy of the tokens; ``doge_cli.data.blocks``). The other stages: everything is Arrow column work (``select`` with index arrays, ``concatenate_datasets``,
-``shuffle``), never a Python loop over rows. Per source, the test rows are taken first from a
+no second copy of the tokens; ``doge_cli.data.blocks``). The other stages are written as a DatasetDict, a
+chunk of rows at a time (memory flat in the data's size). Everything is Arrow column work (``take`` with
+index arrays), never a Python loop over rows, and the order is what ``concatenate_datasets`` of the picks
+followed by ``shuffle(seed)`` gives. Per source, the test rows are taken first from a
 seeded permutation and the train rows from the rest, so test and train never share a row; a
 source too small for its train share is repeated (whole epochs of it, then a seeded part).
 
@@ -12,14 +14,16 @@ manifest.json with the rows taken from each source.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from doge_cli.data.arrowio import count_rows
 from doge_cli.data.schema import DATA_STAGES
-from doge_cli.data.storage import folder_bytes, inputs_untouched, read_manifest
+from doge_cli.data.storage import folder_bytes, read_manifest
 from doge_cli.errors import DogeError
 from doge_cli.io import atomic_dir, check_replaceable, write_json
 
@@ -149,28 +153,117 @@ def merge_stage(
     if stage == "pt":
         return _merge_pt(Path(datasets_dir), out, train_examples=train_examples, test_examples=test_examples,
                          seed=seed, ratios=ratios, log=log)
-    import datasets
-
     dirs, made_with = _tokenized_sources(Path(datasets_dir) / "tokenized" / stage, stage)
-    parts = {p.name: datasets.load_from_disk(str(p)) for p in dirs}
-    weights, sizes, train_examples = _mixture({n: len(ds) for n, ds in parts.items()}, dict(ratios or {}), stage,
-                                              train_examples, test_examples)
+    folders = {p.name: p for p in dirs}
+    weights, sizes, train_examples = _mixture({n: count_rows(p) for n, p in folders.items()}, dict(ratios or {}),
+                                              stage, train_examples, test_examples)
     picked, used = _pick_rows(sizes, weights, train_examples, test_examples, seed, log)
-    train_parts = [parts[name].select(train_idx) for name, (train_idx, _) in picked.items()]
-    test_parts = [parts[name].select(test_idx) for name, (_, test_idx) in picked.items()]
-    with inputs_untouched():  # flatten_indices would leave cache files in the tokenized source folders
-        train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed).flatten_indices()
-        test = datasets.concatenate_datasets(test_parts).shuffle(seed=seed + 1).flatten_indices()
+    names = list(picked)
     first = next(iter(made_with.values()))
-    manifest = {"stage": stage, "seed": seed, "train_rows": len(train), "test_rows": len(test), "sources": used,
-                "tokenizer": first.get("tokenizer"), "tokenizer_fingerprint": first["cache_key"].get("tokenizer"),
+    manifest = {"stage": stage, "seed": seed, "sources": used, "tokenizer": first.get("tokenizer"),
+                "tokenizer_fingerprint": first["cache_key"].get("tokenizer"),
                 "max_length": first["cache_key"].get("max_length")}
     with atomic_dir(out, kind=f"merged {stage} dataset") as tmp:
-        datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp))
+        for split, (source, row) in _shuffled(picked, names, seed).items():
+            (tmp / split).mkdir()
+            manifest[f"{split}_rows"] = _write_rows(tmp / split, [folders[n] for n in names], source, row)
+        (tmp / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}), encoding="utf-8")
         manifest["bytes"] = folder_bytes(tmp)
         write_json(tmp / "manifest.json", manifest)
-    log(f"merged {stage}: {len(train):,} train, {len(test):,} test -> {out}")
+    log(f"merged {stage}: {manifest['train_rows']:,} train, {manifest['test_rows']:,} test -> {out}")
     return manifest
+
+
+BUCKET_BYTES = 32 * 2**20  # merged rows sorted in memory at a time (their average size), at most
+MAX_BUCKETS = 256  # bucket files open at once
+
+
+def _shuffled(picked: dict[str, tuple[np.ndarray, np.ndarray]], names: list[str], seed: int
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per split, ``(source, row)`` of every merged row: the picks of each source in turn, then shuffled as
+    ``datasets.Dataset.shuffle(seed)`` shuffles (train ``seed``, test ``seed + 1``)."""
+    out = {}
+    for split, which, shuffle_seed in (("train", 0, seed), ("test", 1, seed + 1)):
+        source = np.concatenate([np.full(len(picked[n][which]), i, dtype=np.uint16) for i, n in enumerate(names)])
+        row = np.concatenate([picked[n][which].astype(np.int64) for n in names])
+        order = np.random.default_rng(shuffle_seed).permutation(len(row))
+        out[split] = (source[order], row[order])
+    return out
+
+
+def _write_rows(dest: Path, folders: list[Path], source: np.ndarray, row: np.ndarray) -> int:
+    """Rows ``row[i]`` of ``folders[source[i]]``, in the order ``i``, into ``dest`` (a saved dataset).
+
+    An external shuffle, so memory is a batch or a bucket whatever the data's size: each source is read
+    once, in order, with plain file reads, and every row it contributes is appended (with its position) to
+    the bucket file of its position's range; then each bucket is sorted by position in memory and written
+    out. Disk: one more copy of the merged rows while it runs, in ``dest``'s parent (removed after)."""
+    import pyarrow as pa
+
+    from doge_cli.data.arrowio import DatasetWriter, iter_batches
+
+    schema = _source_schema(folders[0])
+    writer = DatasetWriter(dest, schema)
+    n = len(row)
+    if n == 0:
+        return writer.close()
+    sizes = [(folder_bytes(f), count_rows(f)) for f in folders]
+    row_bytes = max(1.0, sum(b for b, _ in sizes) / max(1, sum(c for _, c in sizes)))
+    per_bucket = max(int(BUCKET_BYTES // row_bytes), -(-n // MAX_BUCKETS), 1)
+    buckets = -(-n // per_bucket)
+    spill = dest.parent / f".{dest.name}.buckets"
+    spill.mkdir()
+    with_pos = schema.append(pa.field("__pos", pa.int64()))
+    sinks: dict[int, tuple] = {}
+    try:
+        for s, folder in enumerate(folders):
+            mine = np.flatnonzero(source == s)
+            if len(mine) == 0:
+                continue
+            by_row = np.argsort(row[mine], kind="stable")
+            rows_sorted, pos_sorted = row[mine][by_row], mine[by_row]
+            offset = 0
+            for table in iter_batches(folder, 4096):
+                lo, hi = np.searchsorted(rows_sorted, [offset, offset + table.num_rows])
+                if hi > lo:
+                    picked = table.cast(schema).take(pa.array(rows_sorted[lo:hi] - offset))
+                    positions = pos_sorted[lo:hi]
+                    picked = picked.append_column("__pos", pa.array(positions))
+                    bucket_of = positions // per_bucket
+                    for k in np.unique(bucket_of):
+                        if k not in sinks:
+                            sink = pa.OSFile(str(spill / f"{k:05d}.arrow"), "wb")
+                            sinks[k] = (sink, pa.ipc.new_stream(sink, with_pos))
+                        sinks[k][1].write_table(picked.take(pa.array(np.flatnonzero(bucket_of == k))))
+                offset += table.num_rows
+        for sink, stream in sinks.values():
+            stream.close()
+            sink.close()
+        sinks.clear()
+        for k in range(buckets):
+            path = spill / f"{k:05d}.arrow"
+            with pa.OSFile(str(path)) as f:
+                part = pa.ipc.open_stream(f).read_all()
+            writer.write(part.sort_by("__pos").drop_columns(["__pos"]))
+            del part
+            path.unlink()
+        return writer.close()
+    finally:
+        for sink, stream in sinks.values():
+            stream.close()
+            sink.close()
+        import shutil
+
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _source_schema(folder: Path):
+    import pyarrow as pa
+
+    from doge_cli.data.arrowio import data_files
+
+    with pa.OSFile(str(data_files(folder)[0])) as f:
+        return pa.ipc.open_stream(f).schema
 
 
 def _pick_rows(sizes: dict[str, int], weights: dict[str, float], train_examples: int, test_examples: int, seed: int,
@@ -225,12 +318,7 @@ def _merge_pt(datasets_dir: Path, out: Path, *, train_examples, test_examples, s
     names = list(picked)
     if len(names) > np.iinfo(np.uint16).max:  # pragma: no cover - far beyond any mixture
         raise DogeError("more than 65,535 pretraining sources; merge fewer")
-    splits = {}
-    for split, which, shuffle_seed in (("train", 0, seed), ("test", 1, seed + 1)):
-        source = np.concatenate([np.full(len(picked[n][which]), i, dtype=np.uint16) for i, n in enumerate(names)])
-        block = np.concatenate([picked[n][which].astype(np.int64) for n in names])
-        order = np.random.default_rng(shuffle_seed).permutation(len(block))  # datasets' shuffle(seed)
-        splits[split] = (source[order], block[order])
+    splits = _shuffled(picked, names, seed)
     first = streams[names[0]]
     manifest = {"format": INDEX_FORMAT, "version": VERSION, "stage": "pt", "seed": seed,
                 "train_rows": len(splits["train"][1]), "test_rows": len(splits["test"][1]),

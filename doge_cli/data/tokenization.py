@@ -21,9 +21,11 @@ Columns per stage of the others (``save_to_disk``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,8 +35,9 @@ from doge_cli.chat_format import R1_SYSTEM_PROMPT
 from doge_cli.data.arrowio import count_rows
 from doge_cli.data.blocks import FORMAT, SHARD_RE, VERSION, shard_name
 from doge_cli.data.schema import DATA_STAGES
-from doge_cli.data.storage import inputs_untouched, read_manifest, save_dataset
+from doge_cli.data.storage import folder_bytes, inputs_untouched, read_manifest
 from doge_cli.errors import DogeError
+from doge_cli.io import atomic_dir, write_json
 
 FORMAT_VERSION = 2  # bump when the output of any stage changes (2: pretraining as token streams)
 PT_BATCH_DOCS = 4096
@@ -248,29 +251,52 @@ def _encode_chats(batch: dict, tok, max_length: int, system: str | None) -> dict
     return {"input_ids": ids_out, "labels": labels_out, "position_ids": pos_out}
 
 
+class RowPacker:
+    """Puts consecutive conversations greedily in one row up to ``max_length`` (positions restart per
+    conversation), carrying only the row being filled from one batch to the next."""
+
+    COLUMNS = ("input_ids", "labels", "position_ids")
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self._cur: dict[str, list] = {k: [] for k in self.COLUMNS}
+
+    def add(self, batch: dict[str, list]) -> dict[str, list]:
+        """Add a batch of conversations; returns the rows completed by it."""
+        rows: dict[str, list] = {k: [] for k in self.COLUMNS}
+        for ids, labels, pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
+            if self._cur["input_ids"] and len(self._cur["input_ids"]) + len(ids) > self.max_length:
+                for k in self.COLUMNS:
+                    rows[k].append(self._cur[k])
+                self._cur = {k: [] for k in self.COLUMNS}
+            self._cur["input_ids"] += ids
+            self._cur["labels"] += labels
+            self._cur["position_ids"] += pos
+        return rows
+
+    def finish(self) -> dict[str, list]:
+        rows = {k: [self._cur[k]] if self._cur["input_ids"] else [] for k in self.COLUMNS}
+        self._cur = {k: [] for k in self.COLUMNS}
+        return rows
+
+
 def pack_rows(ds, max_length: int):
-    """Greedily put consecutive conversations in one row up to ``max_length``; positions restart."""
+    """:class:`RowPacker` over a whole (small) dataset; returns a ``datasets.Dataset``."""
     import datasets
 
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
-    cur: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    packer = RowPacker(max_length)
+    rows: dict[str, list] = {k: [] for k in RowPacker.COLUMNS}
     for batch in ds.iter(batch_size=1000):
-        for ids, labels, pos in zip(batch["input_ids"], batch["labels"], batch["position_ids"]):
-            if cur["input_ids"] and len(cur["input_ids"]) + len(ids) > max_length:
-                for k in rows:
-                    rows[k].append(cur[k])
-                cur = {"input_ids": [], "labels": [], "position_ids": []}
-            cur["input_ids"] += ids
-            cur["labels"] += labels
-            cur["position_ids"] += pos
-    if cur["input_ids"]:
-        for k in rows:
-            rows[k].append(cur[k])
+        for k, v in packer.add(batch).items():
+            rows[k] += v
+    for k, v in packer.finish().items():
+        rows[k] += v
     return datasets.Dataset.from_dict(rows)
 
 
 def tokenize_chat(raw, tok, max_length: int, *, system: str | None, pack: bool, num_proc: int | None):
-    """SFT / R1: assistant-only labels from the chat template's generation spans."""
+    """SFT / R1 of an in-memory ``datasets.Dataset`` (``doge data tokenize`` streams with :func:`tokenize_rows`):
+    assistant-only labels from the chat template's generation spans."""
     ds = raw.map(
         _encode_chats, batched=True, batch_size=256, remove_columns=raw.column_names, num_proc=num_proc,
         fn_kwargs={"tok": tok, "max_length": max_length, "system": system}, desc="tokenizing conversations",
@@ -306,18 +332,103 @@ def tokenize_dpo(raw, tok, max_length: int, *, system: str | None, num_proc: int
     )
 
 
+def _grpo_batch(batch: dict, tok, max_length: int, system: str | None) -> dict:
+    prompts = [_with_system([{"role": "user", "content": p}], system) for p in batch["prompt"]]
+    lengths = [len(ids) for ids in tok.apply_chat_template(
+        prompts, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]]
+    keep = [n <= max_length // 2 for n in lengths]
+    return {"prompt": [p for p, k in zip(prompts, keep) if k], "answer": [a for a, k in zip(batch["answer"], keep) if k]}
+
+
 def prepare_grpo(raw, tok, max_length: int, *, system: str | None):
     """GRPO: chat-message prompts plus exact answers; prompts longer than half the budget are dropped
     so there is room to generate."""
-    def fn(batch):
-        prompts = [_with_system([{"role": "user", "content": p}], system) for p in batch["prompt"]]
-        lengths = [len(ids) for ids in tok.apply_chat_template(
-            prompts, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]]
-        keep = [n <= max_length // 2 for n in lengths]
-        return {"prompt": [p for p, k in zip(prompts, keep) if k],
-                "answer": [a for a, k in zip(batch["answer"], keep) if k]}
+    return raw.map(_grpo_batch, batched=True, remove_columns=raw.column_names, desc="preparing prompts",
+                   fn_kwargs={"tok": tok, "max_length": max_length, "system": system})
 
-    return raw.map(fn, batched=True, remove_columns=raw.column_names, desc="preparing prompts")
+
+CHAT_BATCH_ROWS = 1024
+
+
+def _encoder(stage: str, tok, max_length: int, system: str | None) -> Callable[[dict], dict]:
+    fn = _encode_chats if stage in ("sft", "r1") else _encode_dpo if stage == "dpo" else _grpo_batch
+    return functools.partial(fn, tok=tok, max_length=max_length, system=system)
+
+
+def _chat_schema(stage: str):
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    if stage in ("sft", "r1"):
+        return pa.schema([("input_ids", ids), ("labels", ids), ("position_ids", ids)])
+    if stage == "dpo":
+        return pa.schema([("prompt_input_ids", ids), ("chosen_input_ids", ids), ("rejected_input_ids", ids)])
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.schema([("prompt", pa.list_(message)), ("answer", pa.string())])
+
+
+_WORK: Callable[[dict], dict] | None = None
+
+
+def _work_init(fn) -> None:
+    global _WORK
+    _WORK = fn
+
+
+def _work(batch: dict) -> dict:
+    return _WORK(batch)
+
+
+@contextlib.contextmanager
+def _mapped(fn: Callable[[dict], dict], num_proc: int | None):
+    """``map(fn, batches)`` in order: in this process, or in ``num_proc`` forked workers."""
+    if not num_proc or num_proc <= 1:
+        yield lambda batches: map(fn, batches)
+        return
+    import multiprocessing
+
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker one thread (and no fork warning from tokenizers)
+    try:
+        with multiprocessing.get_context("fork").Pool(num_proc, initializer=_work_init, initargs=(fn,)) as pool:
+            yield lambda batches: pool.imap(_work, batches)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def tokenize_rows(src: Path, dest: Path, stage: str, tok, max_length: int, *, system: str | None, pack: bool,
+                  num_proc: int | None, progress: bool) -> tuple[int, int]:
+    """Tokenize the chat-stage source ``src`` into the (new, empty) folder ``dest``, streaming: a batch of
+    rows is read, encoded (in ``num_proc`` workers), packed (``pack``, SFT/R1) and written before the next
+    is read. Returns ``(rows, tokens)`` written."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from doge_cli.data.arrowio import DatasetWriter, iter_batches
+
+    writer = DatasetWriter(dest, _chat_schema(stage))
+    packer = RowPacker(max_length) if pack and stage in ("sft", "r1") else None
+    column = "chosen_input_ids" if stage == "dpo" else "input_ids"
+    tokens = 0
+
+    def write(out: dict) -> None:
+        nonlocal tokens
+        if column in out:
+            tokens += sum(len(ids) for ids in out[column])
+        writer.write(pa.table(out, schema=writer.schema))
+
+    batches = (table.to_pydict() for table in iter_batches(src, CHAT_BATCH_ROWS))
+    with _mapped(_encoder(stage, tok, max_length, system), num_proc) as run, \
+            tqdm(total=count_rows(src), unit="row", desc=f"{stage}/{src.name}", disable=not progress) as bar:
+        for out in run(batches):
+            write(packer.add(out) if packer else out)
+            bar.update(CHAT_BATCH_ROWS)
+    if packer:
+        write(packer.finish())
+    return writer.close(), tokens
 
 
 # ------------------------------------------------------------------------------- driver
@@ -344,14 +455,6 @@ def load_data_tokenizer(tokenizer: str):
         raise DogeError(f"tokenizer {tokenizer!r} lacks a pad token, an eos token or a chat template; "
                         "use one made by `doge data train-tokenizer`")
     return tok
-
-
-def _tokenize(stage: str, raw, tok, max_length: int, *, system, identity, pack, num_proc, progress):
-    if stage in ("sft", "r1"):
-        return tokenize_chat(raw, tok, max_length, system=system, pack=pack, num_proc=num_proc)
-    if stage == "dpo":
-        return tokenize_dpo(raw, tok, max_length, system=system, num_proc=num_proc)
-    return prepare_grpo(raw, tok, max_length, system=system)
 
 
 def _empty_result_error(stage: str, name: str, max_length: int) -> DogeError:
@@ -403,8 +506,7 @@ def tokenize_stages(
 
 def _tokenize_stages(tokenizer, datasets_dir, stages, max_length, *, sources, pack, identity, num_proc, shard,
                      progress, log) -> list[dict]:
-    import datasets
-
+    from doge_cli.data.arrowio import iter_batches
     from doge_cli.data.tokenizer import tokenizer_fingerprint
     from doge_cli.io import check_replaceable
 
@@ -434,13 +536,11 @@ def _tokenize_stages(tokenizer, datasets_dir, stages, max_length, *, sources, pa
             cached = old is not None and old.get("cache_key") == key
             if not cached:
                 check_replaceable(out_dir, "tokenized folder")
-                raw = datasets.load_from_disk(str(src))
-                if len(raw) == 0:
+                if count_rows(src) == 0:
                     raise DogeError(f"{src} is empty; download it again")
-                kwargs = {"system": system, "identity": identity, "pack": False, "num_proc": None, "progress": False}
-                probe = _tokenize(stage, raw.select(range(min(PROBE_ROWS, len(raw)))), tok, max_length, **kwargs)
-                if len(probe) == 0 and (len(raw) <= PROBE_ROWS or len(_tokenize(stage, raw, tok, max_length,
-                                                                                 **kwargs)) == 0):
+                # Tokenize batches until one row survives (the first batch, almost always).
+                encode = _encoder(stage, tok, max_length, system)
+                if not any(len(next(iter(encode(t.to_pydict()).values()))) for t in iter_batches(src, PROBE_ROWS)):
                     raise _empty_result_error(stage, src.name, max_length)
             jobs.append((stage, src, out_dir, key, old if cached else None, system))
     results = []
@@ -459,17 +559,16 @@ def _tokenize_stages(tokenizer, datasets_dir, stages, max_length, *, sources, pa
                 f"{manifest['bytes'] / manifest['tokens']:.3f} bytes a token")
             results.append({**manifest, "cached": False})
             continue
-        raw = datasets.load_from_disk(str(src))
-        ds = _tokenize(stage, raw, tok, max_length, system=system, identity=identity, pack=pack, num_proc=num_proc,
-                       progress=progress)
-        if len(ds) == 0:  # pragma: no cover - the probe above found a row that survives
-            raise _empty_result_error(stage, src.name, max_length)
-        tokens = _count_tokens(ds)
-        manifest = save_dataset(
-            ds, out_dir, stage=stage, source=f"tokenized:{src.name}",
-            extra={"cache_key": key, "tokenizer": _portable(tokenizer), "tokenizer_fingerprint": fingerprint,
-                   "tokens": tokens, "max_length": max_length},
-        )
+        with atomic_dir(out_dir, kind=f"{stage} dataset") as tmp:
+            rows, tokens = tokenize_rows(src, tmp, stage, tok, max_length, system=system, pack=pack,
+                                         num_proc=num_proc, progress=progress)
+            if rows == 0:  # pragma: no cover - the probe above found a row that survives
+                raise _empty_result_error(stage, src.name, max_length)
+            manifest = {"source": f"tokenized:{src.name}", "revision": None, "stage": stage, "rows": rows,
+                        "columns": list(_chat_schema(stage).names), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "cache_key": key, "tokenizer": _portable(tokenizer), "tokenizer_fingerprint": fingerprint,
+                        "tokens": tokens, "max_length": max_length, "bytes": folder_bytes(tmp)}
+            write_json(tmp / "manifest.json", manifest)
         log(f"{stage}/{src.name}: {manifest['rows']:,} rows, {tokens:,} tokens")
         results.append({**manifest, "cached": False})
     return results
@@ -483,14 +582,3 @@ def tokenize_stage(tokenizer: str, datasets_dir: Path, stage: str, max_length: i
 def _portable(tokenizer: str) -> str:
     """A local tokenizer folder as an absolute path, so training finds it from any working directory."""
     return str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer
-
-
-def _count_tokens(ds) -> int:
-    import pyarrow.compute as pc
-
-    for col in ("input_ids", "chosen_input_ids"):
-        if col in ds.column_names:
-            return int(pc.sum(pc.list_value_length(ds.data.column(col))).as_py() or 0)
-    return 0
-
-

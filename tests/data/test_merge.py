@@ -107,3 +107,20 @@ def test_merge_output_that_is_not_doge_s_is_refused(tmp_path):
     merge_stage(tmp_path, STAGE, train_examples=20, test_examples=2, out=tmp_path / "m")
     merge_stage(tmp_path, STAGE, train_examples=10, test_examples=2, out=tmp_path / "m")  # doge's own: replaced
     assert len(datasets.load_from_disk(str(tmp_path / "m/train"))) == 10
+
+
+def test_the_streamed_merge_holds_the_rows_concatenate_and_shuffle_give(tmp_path, monkeypatch):
+    """Through many small buckets (each a range of positions, filled from every source), against datasets'
+    own concatenate_datasets + shuffle(seed) of the same picks."""
+    from doge_cli.data import merge
+
+    monkeypatch.setattr(merge, "BUCKET_BYTES", 2000)
+    _fake_tokenized(tmp_path, {"a": 300, "b": 120, "c": 80})
+    merge_stage(tmp_path, STAGE, train_examples=600, test_examples=30, seed=5)
+    got = datasets.load_from_disk(str(tmp_path / "merged" / STAGE))
+    parts = {n: datasets.load_from_disk(str(tmp_path / "tokenized" / STAGE / n)) for n in ("a", "b", "c")}
+    picked, _ = merge._pick_rows({n: len(d) for n, d in parts.items()}, dict.fromkeys(parts, 1.0), 600, 30, 5,
+                                 lambda _m: None)
+    for split, which, seed in (("train", 0, 5), ("test", 1, 6)):
+        want = datasets.concatenate_datasets([parts[n].select(picked[n][which]) for n in parts]).shuffle(seed=seed)
+        assert got[split].to_dict() == want.to_dict()

@@ -139,3 +139,28 @@ def test_tokenized_folder_not_written_by_doge_is_refused_up_front(work_dir, toke
 def test_absurd_max_length_is_refused(work_dir, tokenizer_dir, length):
     with pytest.raises(DogeError, match="--max-length"):
         tokenize_stage(str(tokenizer_dir), work_dir, "pt", length)
+
+
+@pytest.mark.parametrize("stage,source,pack,length", [("sft", "math-sft", True, 256), ("dpo", "math-dpo", False, 256),
+                                                      ("grpo", "math-grpo", False, 1024)])
+def test_chat_stages_stream_in_batches_and_workers_to_the_in_memory_result(work_dir, tokenizer_dir, tmp_path,
+                                                                           monkeypatch, stage, source, pack, length):
+    """Batches of 7 rows (packing carries a row across them), in 2 worker processes, against the in-memory
+    tokenization of the whole source at once."""
+    from doge_cli.chat_format import R1_SYSTEM_PROMPT
+    from doge_cli.data import tokenization
+    from doge_cli.data.tokenization import prepare_grpo, tokenize_chat, tokenize_dpo
+
+    monkeypatch.setattr(tokenization, "CHAT_BATCH_ROWS", 7)
+    tokenize_stage(str(tokenizer_dir), work_dir, stage, length, sources=[source], pack=pack, num_proc=2,
+                   progress=False)
+    got = datasets.load_from_disk(str(work_dir / "tokenized" / stage / source))
+    raw = datasets.load_from_disk(str(work_dir / stage / source))
+    tok = _tok(tokenizer_dir)
+    if stage == "sft":
+        want = tokenize_chat(raw, tok, length, system=None, pack=True, num_proc=None)
+    elif stage == "dpo":
+        want = tokenize_dpo(raw, tok, length, system=None, num_proc=None)
+    else:
+        want = prepare_grpo(raw, tok, length, system=R1_SYSTEM_PROMPT)
+    assert got.to_dict() == want.to_dict() and len(got) > 0

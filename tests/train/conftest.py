@@ -69,6 +69,32 @@ def pt_data(tmp_path_factory):
     return root / "merged_pt"
 
 
+@pytest.fixture(scope="session")
+def pt_stream_data(tmp_path_factory):
+    """The same texts through doge's own pipeline: a tokenizer from `doge data train-tokenizer`, the 2-byte
+    token stream of `doge data tokenize`, and the block index of `doge data merge`."""
+    from datasets import Dataset
+
+    from doge_cli.data.merge import merge_stage
+    from doge_cli.data.tokenization import tokenize_stages
+    from doge_cli.data.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("ptstream")
+    ds = root / "datasets"
+    Dataset.from_dict({"text": _texts()}).save_to_disk(str(ds / "pt" / "docs"))
+    train_tokenizer(root / "tokenizer", datasets_dir=ds, vocab_size=320)
+    tokenize_stages(str(root / "tokenizer"), ds, ["pt"], BLOCK, progress=False)
+    merge_stage(ds, "pt", train_examples=None, test_examples=8, seed=233)
+    return ds / "merged" / "pt"
+
+
+@pytest.fixture(params=["columns", "stream"])
+def pt_any(request):
+    """Pretraining data in both formats training reads: a DatasetDict of int32 columns (the former format,
+    and what a user's own dataset looks like) and doge's token stream with its block index."""
+    return request.getfixturevalue("pt_data" if request.param == "columns" else "pt_stream_data")
+
+
 def tiny_overrides(data_path, out, steps=20, **extra):
     over = {
         "data.path": str(data_path), "data.max_length": BLOCK, "output_dir": str(out),

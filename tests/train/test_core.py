@@ -56,11 +56,11 @@ def test_loss_falls_and_final_loads_in_transformers(pt_data, tmp_path):
     assert out.shape[1] == ids.shape[1] + 5 or tok.eos_token_id in out[0].tolist()
 
 
-def test_resume_equals_straight_run(pt_data, tmp_path):
-    run(pt_data, tmp_path / "straight", steps=20)
-    part = run(pt_data, tmp_path / "resumed", steps=20, stop_after=10, **{"checkpoint.every": 5})
+def test_resume_equals_straight_run(pt_any, tmp_path):
+    run(pt_any, tmp_path / "straight", steps=20)
+    part = run(pt_any, tmp_path / "resumed", steps=20, stop_after=10, **{"checkpoint.every": 5})
     assert part.final_dir is None and part.steps == 10
-    done = run(pt_data, tmp_path / "resumed", steps=20, resume="auto", **{"checkpoint.every": 5})
+    done = run(pt_any, tmp_path / "resumed", steps=20, resume="auto", **{"checkpoint.every": 5})
     assert done.steps == 20
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
@@ -77,12 +77,12 @@ def test_accumulation_invariance(pt_data, tmp_path):
         assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
 
 
-def test_sigkill_then_resume_auto_matches(pt_data, tmp_path):
+def test_sigkill_then_resume_auto_matches(pt_any, tmp_path):
     """Kill -9 a real `doge train pt` mid-run (possibly mid-checkpoint), then --resume auto."""
-    straight = run(pt_data, tmp_path / "straight", steps=16)
+    straight = run(pt_any, tmp_path / "straight", steps=16)
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "doge_cli", "train", "pt", "--hardware", "cpu",
-            *tiny_overrides(pt_data, out, steps=16, **{"checkpoint.every": 2})]
+            *tiny_overrides(pt_any, out, steps=16, **{"checkpoint.every": 2})]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / "step-000006").exists():
@@ -204,9 +204,9 @@ def test_compiled_model_exports_and_checkpoints_its_trained_weights(pt_data, tmp
     assert not any("_orig_mod" in k for k in saved)
 
 
-def test_background_workers_build_the_same_batches(pt_data, tmp_path):
-    run(pt_data, tmp_path / "sync", steps=6)
-    run(pt_data, tmp_path / "workers", steps=6, **{"runtime.dataloader_workers": 2})
+def test_background_workers_build_the_same_batches(pt_any, tmp_path):
+    run(pt_any, tmp_path / "sync", steps=6)
+    run(pt_any, tmp_path / "workers", steps=6, **{"runtime.dataloader_workers": 2})
     assert losses(tmp_path / "sync") == losses(tmp_path / "workers")
     a, b = weights(tmp_path / "sync" / "final"), weights(tmp_path / "workers" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

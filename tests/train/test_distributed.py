@@ -43,3 +43,11 @@ def test_two_processes_match_one(pt_data, tmp_path, single, launcher):
     assert (ckpt / "rank-00000.pt").is_file() and (ckpt / "rank-00001.pt").is_file()
     states = [torch.load(ckpt / f"rank-0000{r}.pt", weights_only=True) for r in (0, 1)]
     assert all("rng" in s and "window" in s for s in states)
+
+
+def test_two_processes_read_the_token_stream_as_one(pt_stream_data, tmp_path):
+    """The block index read by two DDP processes (each its own file handles): the one-process losses."""
+    one = launch_train("pt", tiny_overrides(pt_stream_data, tmp_path / "one", steps=4, **SETTINGS), tmp_path / "one")[1]
+    two = doge_train(pt_stream_data, tmp_path / "two", "ddp_cpu.yaml")[1]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-4)
