@@ -143,6 +143,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a file is as readable as any the user writes
         os.replace(tmp, target)
     except OSError as err:
         if is_disk_full(err):
@@ -150,6 +151,20 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         raise DogeError(f"could not write {target}: {err.strerror or err}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux reports it in /proc; elsewhere it is set and
+    restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

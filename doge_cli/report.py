@@ -81,19 +81,29 @@ def load_run(path: Path, label: str) -> Run:
                         "wrote (output_dir)")
     run.exists = True
     run.marker = _read_json(run.path / "doge_run.json", "run marker")
+    if not isinstance(run.marker, dict) or not isinstance(run.marker.get("environment", {}), dict):
+        raise DogeError(f"run marker {run.path / 'doge_run.json'} is not what doge train writes (an object with the "
+                        "stage and environment); it was changed or damaged")
     if (run.path / "config.yaml").is_file():
         try:
             run.config = yaml.safe_load((run.path / "config.yaml").read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as err:
             raise DogeError(f"{run.path / 'config.yaml'} cannot be read ({' '.join(str(err).split())[:120]})") from None
+        if not isinstance(run.config, dict):
+            raise DogeError(f"{run.path / 'config.yaml'} is not a configuration (a mapping of sections); it was "
+                            "changed or damaged")
     metrics = run.path / "metrics.jsonl"
     if metrics.is_file():
         for number, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
-                    run.records.append(json.loads(line))
+                    record = json.loads(line)
                 except ValueError:
                     raise DogeError(f"{metrics} line {number} is not JSON; the file is damaged") from None
+                if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                    raise DogeError(f"{metrics} line {number} is not a metrics record (an object with a step); the "
+                                    "file is damaged")
+                run.records.append(record)
     run.params = _param_count(run.path / "final")
     return run
 
@@ -114,15 +124,33 @@ def attach_evals(runs: list[Run], eval_paths: list[Path]) -> list[Run]:
         result = _read_json(file, "eval result")
         if not isinstance(result, dict) or "tasks" not in result or "model" not in result:
             continue  # not a doge eval result (e.g. a comparison file)
+        tasks = result["tasks"]
+        if not isinstance(tasks, dict) or not all(isinstance(m, dict) for m in tasks.values()):
+            raise DogeError(f"eval result {file} is not what doge eval writes (its tasks are not task -> metric -> "
+                            "value); re-run doge eval or leave the file out")
         model = Path(str(result["model"]))
-        owner = next((r for r in runs if r.exists and _same_tail(model, r.path / "final")), None)
+        owner = _owner(runs, result, file)
         if owner is None:
             owner = Run(model, _short(model), exists=False, given=False)
             extra.append(owner)
-        for task, metrics in result["tasks"].items():
+        for task, metrics in tasks.items():
             owner.evals.setdefault(task, {}).update(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.endswith("_stderr")})
     return runs + extra
+
+
+def _owner(runs: list[Run], result: dict, file: Path) -> Run | None:
+    """The run whose final/ an eval result evaluated: by the resolved path doge eval records; for results
+    from before it did, by the path's trailing parts, refusing a match that more than one run shares."""
+    recorded = result.get("model_path")
+    if isinstance(recorded, str):
+        return next((r for r in runs if r.exists and (r.path / "final").resolve() == Path(recorded)), None)
+    matches = [r for r in runs if r.exists and _same_tail(Path(str(result["model"])), r.path / "final")]
+    if len(matches) > 1:
+        raise DogeError(f"eval result {file} names model {result['model']}, which could be "
+                        f"{' or '.join(str(r.path / 'final') for r in matches)}; evaluate again with this doge (it "
+                        "records the full path) or leave the file out")
+    return matches[0] if matches else None
 
 
 def _same_tail(a: Path, b: Path) -> bool:

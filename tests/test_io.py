@@ -79,3 +79,20 @@ def test_file_targets_are_replaced_only_when_recognised(tmp_path):
     with pytest.raises(DogeError, match="does not exist"):
         check_file_target(tmp_path / "no" / "f.json")
     check_replaceable(tmp_path / "absent")  # nothing there: fine
+
+
+def test_atomic_files_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+    import stat
+
+    from doge_cli.io import write_json, write_text_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_text_atomic(tmp_path / "b.txt", "hi")
+        (tmp_path / "plain.txt").write_text("hi")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"a.json": 0o640, "b.txt": 0o640, "plain.txt": 0o640}  # not mkstemp's 0600

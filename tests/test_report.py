@@ -147,3 +147,39 @@ def test_the_html_page_opens_in_a_browser_without_errors(pipeline):
         finally:
             browser.close()
     assert errors == []
+
+
+def test_evals_go_to_the_run_they_evaluated_even_when_paths_end_alike(tmp_path, monkeypatch):
+    from doge_cli.eval.run import model_path, model_slug
+
+    one = make_run(tmp_path / "exp1", "sft", "sft", records([5, 10], 4.0, mfu=False), final=True)
+    two = make_run(tmp_path / "exp2", "sft", "sft", records([5, 10], 3.0, mfu=False), final=True)
+    assert model_slug(str(one / "final")) != model_slug(str(two / "final"))  # two results files, not one
+    monkeypatch.chdir(two)  # `doge eval --model final` typed in each run's folder
+    evals = tmp_path / "eval"
+    evals.mkdir()
+    for run, em in ((one, 0.25), (two, 0.75)):
+        (evals / f"{model_slug(str(run / 'final'))}.json").write_text(json.dumps(
+            {"model": "final", "model_path": model_path(str(run / "final")), "tasks": {"arithmetic": {"em": em}}}))
+    built = build([one, two], [evals])
+    assert [r.evals["arithmetic"]["em"] for r in built[:2]] == [0.25, 0.75] and len(built) == 2
+    # An older result (no model_path) whose path's tail fits both runs is refused, not guessed.
+    (evals / "old.json").write_text(json.dumps({"model": "runs/sft/final", "tasks": {"arithmetic": {"em": 0.5}}}))
+    with pytest.raises(DogeError, match="could be .*exp1.* or .*exp2"):
+        build([one, two], [evals])
+
+
+@pytest.mark.parametrize("what, damage", [
+    ("marker", lambda run, evals: (run / "doge_run.json").write_text("[1, 2]")),
+    ("config", lambda run, evals: (run / "config.yaml").write_text("- a list\n")),
+    ("metrics", lambda run, evals: (run / "metrics.jsonl").write_text('{"step": 1}\n[3]\n')),
+    ("eval tasks", lambda run, evals: (evals / "pt.json").write_text(json.dumps({"model": "x", "tasks": [1]}))),
+    ("eval metrics", lambda run, evals: (evals / "pt.json").write_text(json.dumps({"model": "x", "tasks": {"a": 1}}))),
+])
+def test_valid_json_of_the_wrong_shape_is_one_line_not_a_traceback(pipeline, capsys, what, damage):
+    root, runs, evals = pipeline
+    damage(runs[0], evals)
+    code, _, err = run_doge(capsys, "report", *map(str, runs), "--eval", str(evals), "--out", str(root / "r.md"))
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert err.strip().startswith("doge: error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (root / "r.md").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 import typer
+import typer.core
 
 from doge_cli import __version__
 from doge_cli.cli import average as average_cmd
@@ -21,8 +22,32 @@ from doge_cli.cli import train as train_cmd
 from doge_cli.cli import upcycle as upcycle_cmd
 from doge_cli.errors import DogeError
 
+# `doge --help` lists the commands in the order of the pipeline, one sentence each (their own --help says more).
+ORDER = ("data", "train", "eval", "chat", "serve", "upcycle", "average", "report", "push", "config", "env")
+SHORT_HELP = {
+    "data": "Get data (hub, builtin, local files), train a tokenizer, tokenize it and merge it.",
+    "train": "Train a Doge model: pt, then sft, dpo and grpo.",
+    "eval": "Evaluate models with lighteval and doge's stage tasks, side by side.",
+    "chat": "Chat with a model in the terminal.",
+    "serve": "Serve a model over OpenAI's API, with a chat page.",
+    "upcycle": "Turn a dense Doge into a mixture-of-experts Doge to continue pretraining.",
+    "average": "Average checkpoints of a run into one model.",
+    "report": "Write one report of a pipeline's runs and evaluations.",
+    "push": "Upload a model or a run to the Hugging Face hub with a model card.",
+    "config": "Show the resolved training configuration.",
+    "env": "Print versions, hardware and whether the hub is reachable.",
+}
+
+
+class _PipelineOrder(typer.core.TyperGroup):
+    def list_commands(self, ctx):
+        names = super().list_commands(ctx)
+        return [n for n in ORDER if n in names] + [n for n in names if n not in ORDER]
+
+
 app = typer.Typer(
     name="doge",
+    cls=_PipelineOrder,
     help="Train small Doge language models end to end: data, tokenizer, pretraining, SFT, DPO, "
     "GRPO, evaluation and chat. Offline by default.",
     no_args_is_help=True,
@@ -31,18 +56,17 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
-# In pipeline order, so `doge --help` reads like the workflow.
-app.add_typer(data_cmd.app, name="data")
-app.add_typer(train_cmd.app, name="train")
-app.command("average")(average_cmd.average)
-app.command("upcycle")(upcycle_cmd.upcycle)
-app.command("eval")(eval_cmd.eval_models)
-app.command("chat")(chat_cmd.chat)
-app.command("serve")(serve_cmd.serve)
-app.command("report")(report_cmd.report)
-app.command("push")(push_cmd.push)
-app.add_typer(config_cmd.app, name="config")
-app.command("env")(env_cmd.env)
+app.add_typer(data_cmd.app, name="data", short_help=SHORT_HELP["data"])
+app.add_typer(train_cmd.app, name="train", short_help=SHORT_HELP["train"])
+app.command("eval", short_help=SHORT_HELP["eval"])(eval_cmd.eval_models)
+app.command("chat", short_help=SHORT_HELP["chat"])(chat_cmd.chat)
+app.command("serve", short_help=SHORT_HELP["serve"])(serve_cmd.serve)
+app.command("upcycle", short_help=SHORT_HELP["upcycle"])(upcycle_cmd.upcycle)
+app.command("average", short_help=SHORT_HELP["average"])(average_cmd.average)
+app.command("report", short_help=SHORT_HELP["report"])(report_cmd.report)
+app.command("push", short_help=SHORT_HELP["push"])(push_cmd.push)
+app.add_typer(config_cmd.app, name="config", short_help=SHORT_HELP["config"])
+app.command("env", short_help=SHORT_HELP["env"])(env_cmd.env)
 
 
 def _version_callback(value: bool) -> None:

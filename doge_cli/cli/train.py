@@ -60,8 +60,19 @@ class StageRun:
         return out + (["--overwrite"] if self.overwrite else [])
 
 
+def name_the_cpu_for_deepspeed() -> None:
+    """DeepSpeed (which accelerate imports) logs "Setting accelerator to CPU. If you have GPU ..." in every
+    process whenever it finds no GPU; on a machine without one doge names the CPU accelerator for it
+    (``DS_ACCELERATOR=cpu``, unless the environment sets one), so the run's log holds doge's lines."""
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def run_stage(run: StageRun) -> None:
     """Resolve the config and train on the one core (or relaunch under accelerate first)."""
+    name_the_cpu_for_deepspeed()
     if run.accelerate_config:
         check_accelerate_config(run.accelerate_config)
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", run.accelerate_config,

@@ -190,7 +190,7 @@ def tokenize_pt_shard(src: Path, out_dir: Path, tok, max_length: int, key: dict,
     columns = ["text", "prompt"] if "prompt" in _columns(src) else ["text"]
     try:
         with tokenizer_threads(num_proc), tqdm(total=hi - lo, initial=done, unit="doc", desc=f"pt/{src.name}",
-                                               disable=not progress) as bar:
+                                               disable=not _show_bar(progress)) as bar:
             for table in iter_batches(src, PT_BATCH_DOCS, columns=columns, start=lo + done, stop=hi):
                 writer.append(encode_fast(backend, _pt_texts(table.to_pydict(), tok, identity)))
                 done += table.num_rows
@@ -219,6 +219,13 @@ def tokenize_pt_shard(src: Path, out_dir: Path, tok, max_length: int, key: dict,
     else:
         os.replace(partial, final)
     return manifest
+
+
+def _show_bar(progress: bool) -> bool:
+    """Progress bars on a terminal only: in a log file their redrawn frames would be noise."""
+    import sys
+
+    return progress and sys.stderr.isatty()
 
 
 def _read_progress(folder: Path) -> dict | None:
@@ -420,12 +427,16 @@ def tokenize_rows(src: Path, dest: Path, stage: str, tok, max_length: int, *, sy
             tokens += sum(len(ids) for ids in out[column])
         writer.write(pa.table(out, schema=writer.schema))
 
-    batches = (table.to_pydict() for table in iter_batches(src, CHAT_BATCH_ROWS))
     with _mapped(_encoder(stage, tok, max_length, system), num_proc) as run, \
-            tqdm(total=count_rows(src), unit="row", desc=f"{stage}/{src.name}", disable=not progress) as bar:
-        for out in run(batches):
+            tqdm(total=count_rows(src), unit="row", desc=f"{stage}/{src.name}", disable=not _show_bar(progress)) as bar:
+
+        def batches():
+            for table in iter_batches(src, CHAT_BATCH_ROWS):
+                bar.update(table.num_rows)
+                yield table.to_pydict()
+
+        for out in run(batches()):
             write(packer.add(out) if packer else out)
-            bar.update(CHAT_BATCH_ROWS)
     if packer:
         write(packer.finish())
     return writer.close(), tokens
@@ -569,7 +580,8 @@ def _tokenize_stages(tokenizer, datasets_dir, stages, max_length, *, sources, pa
                         "cache_key": key, "tokenizer": _portable(tokenizer), "tokenizer_fingerprint": fingerprint,
                         "tokens": tokens, "max_length": max_length, "bytes": folder_bytes(tmp)}
             write_json(tmp / "manifest.json", manifest)
-        log(f"{stage}/{src.name}: {manifest['rows']:,} rows, {tokens:,} tokens")
+        log(f"{stage}/{src.name}: {manifest['rows']:,} prompts with answers" if stage == "grpo" else
+            f"{stage}/{src.name}: {manifest['rows']:,} rows, {tokens:,} tokens")
         results.append({**manifest, "cached": False})
     return results
 

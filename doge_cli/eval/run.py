@@ -1,6 +1,7 @@
 """``doge eval``: lighteval's Pipeline in-process on a Doge model, results as JSON and a rich table.
 
-Results file (``<output-dir>/<model-slug>.json``, written atomically)::
+Results file (``<output-dir>/<model-slug>.json``, written atomically; ``model_path`` is a local model folder's resolved
+path, which `doge report` matches runs by)::
 
     {"model": ..., "created": ..., "num_fewshot": k, "max_samples": n | null, "use_chat_template": bool,
      "versions": {"doge": ..., "lighteval": ...},
@@ -19,6 +20,7 @@ files side by side.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -31,9 +33,23 @@ FAMILIES = ("mmlu", "bigbench_hard")  # one requested name that lighteval runs a
 
 
 def model_slug(model: str) -> str:
-    """A file name for a model path or hub id: ``runs/pt/final`` -> ``runs-pt-final``."""
+    """A file name for a model path or hub id: ``runs/pt/final`` -> ``runs-pt-final``. A model folder that
+    exists gets the last three parts of its resolved path and a hash of the whole, so two folders never
+    share a results file (``exp1/runs/sft/final`` and ``exp2/runs/sft/final``, or ``final`` typed in two runs)."""
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir():
+        resolved = folder.resolve()
+        tail = "-".join(resolved.parts[-3:])
+        digest = hashlib.sha1(str(resolved).encode("utf-8")).hexdigest()[:8]
+        return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', tail).strip('-.') or 'model'}-{digest}"
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(model).strip("./")).strip("-.")
     return slug or "model"
+
+
+def model_path(model: str) -> str | None:
+    """The resolved path of a local model folder (None for a hub id): what `doge report` matches runs by."""
+    folder = Path(str(model)).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else None
 
 
 def _task_results(final: dict) -> dict:
@@ -181,6 +197,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
 
     results = {
         "model": model,
+        "model_path": model_path(model),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "num_fewshot": num_fewshot,
         "max_samples": max_samples,

@@ -5,9 +5,9 @@ model as good as (or better than) the decayed end, for free ("pre-trained model 
 2025, arXiv 2505.12082). Three weightings of the N sources, taken oldest first (i = 1..N):
 
 - ``sma``: the plain mean, every source 1/N;
-- ``ema``: an exponential moving average with factor ``alpha`` run over the sources oldest first, i.e.
-  source i weighs ``alpha·(1-alpha)^(N-i)``, normalised to sum to 1 (the oldest keeps the remainder of
-  the recursion folded into the normalisation);
+- ``ema``: the paper's exponential moving average, ``M_1 = W_1`` and ``M_i = alpha·W_i + (1-alpha)·M_(i-1)``
+  over the sources oldest first: source i > 1 weighs ``alpha·(1-alpha)^(N-i)`` and the oldest
+  ``(1-alpha)^(N-1)``, which sum to 1;
 - ``wma``: linearly increasing, source i weighs ``i / (1 + 2 + ... + N)``.
 
 Sources are checkpoint folders (``RUN/checkpoints/step-N``, whose weights one process held whole:
@@ -44,7 +44,8 @@ def weights_for(method: str, n: int, alpha: float = 0.2) -> list[float]:
     elif method == "ema":
         if not 0 < alpha <= 1:
             raise DogeError(f"--alpha {alpha} must be in (0, 1]")
-        raw = [alpha * (1 - alpha) ** (n - i) for i in range(1, n + 1)]
+        # The recursion M_1 = W_1, M_i = alpha W_i + (1 - alpha) M_(i-1), unrolled: the oldest starts it.
+        raw = [(1 - alpha) ** (n - 1)] + [alpha * (1 - alpha) ** (n - i) for i in range(2, n + 1)]
     elif method == "wma":
         raw = [float(i) for i in range(1, n + 1)]
     else:

@@ -164,6 +164,35 @@ def _accelerate(t: Path, text: str) -> Path:
     return _file(t, "launcher.yaml", text)
 
 
+def _tokenized_pt(t: Path, *, shard: str | None = None, old: bool = False) -> Path:
+    """A datasets folder whose tokenized pt source is one shard of two (``shard``), or the former
+    int32-column format (``old``)."""
+    import json
+
+    import datasets
+
+    folder = t / "ds" / "tokenized" / "pt" / "x"
+    if old:
+        datasets.Dataset.from_dict({"input_ids": [[1, 2]], "position_ids": [[0, 1]]}).save_to_disk(str(folder))
+    else:
+        (folder / shard).mkdir(parents=True)
+        (folder / shard / "manifest.json").write_text(json.dumps({
+            "format": "doge-token-stream", "version": 1, "dtype": "<u2", "max_length": 64, "pad_id": 0, "tokens": 3,
+            "documents": 1, "cache_key": {"tokenizer": "t"}, "build_id": "b"}))
+    return t / "ds"
+
+
+def _index_without_source(t: Path) -> Path:
+    """A merged pt index whose tokenized source folder is gone."""
+    import json
+
+    merged = t / "merged-pt"
+    merged.mkdir()
+    (merged / "manifest.json").write_text(json.dumps({"format": "doge-block-index", "version": 1, "stage": "pt",
+                                                      "sources": {"x": {"path": "../gone", "build_ids": ["b"]}}}))
+    return merged
+
+
 def _jsonl(t: Path, lines: list[str], name: str = "data.jsonl") -> Path:
     return _file(t, name, "\n".join(lines) + "\n")
 
@@ -197,6 +226,7 @@ CASES = [
     ("config-batch-not-multiple", lambda w, t: _pt(w, t, "train.global_batch_size=3", "runtime.micro_batch_size=2")),
     ("config-heads-not-dividing", lambda w, t: _pt(w, t, "model.num_attention_heads=3")),
     ("config-kv-heads", lambda w, t: _pt(w, t, "model.num_key_value_heads=3", "model.num_attention_heads=2")),
+    ("train-pt-index-of-a-missing-source", lambda w, t: _pt(w, t, f"data.path={_index_without_source(t)}")),
     ("config-warmup-plus-decay", lambda w, t: _pt(w, t, "schedule.warmup_ratio=0.8", "schedule.decay_ratio=0.5")),
     ("config-unknown-size", lambda w, t: ["train", "pt", "--size", "7B", "--hardware", "cpu"]),
     ("config-unknown-hardware", lambda w, t: ["train", "pt", "--hardware", "tpu"]),
@@ -302,8 +332,19 @@ CASES = [
                                                 str(t)]),
     ("tokenize-last-stage-empty", lambda w, t: ["data", "tokenize", "--tokenizer", str(w.tok), "--datasets-dir",
                                                 str(w.ds), "--stage", "pt", "--stage", "sft", "--max-length", "16"]),
+    ("tokenize-shard-out-of-range", lambda w, t: ["data", "tokenize", "--tokenizer", str(w.tok), "--datasets-dir",
+                                                  str(w.ds), "--stage", "pt", "--shard", "2/2"]),
+    ("tokenize-shard-not-a-fraction", lambda w, t: ["data", "tokenize", "--tokenizer", str(w.tok), "--datasets-dir",
+                                                    str(w.ds), "--shard", "half"]),
+    ("tokenize-shard-of-a-chat-stage", lambda w, t: ["data", "tokenize", "--tokenizer", str(w.tok),
+                                                     "--datasets-dir", str(w.ds), "--stage", "sft", "--shard", "0/2"]),
+    ("tokenize-zero-processes", lambda w, t: ["data", "tokenize", "--tokenizer", str(w.tok), "--datasets-dir",
+                                              str(w.ds), "--stage", "pt", "--num-proc", "0"]),
     # -- merge ------------------------------------------------------------------------------------------
     ("merge-nothing-tokenized", lambda w, t: ["data", "merge", "--datasets-dir", str(t)]),
+    ("merge-pt-a-shard-missing", lambda w, t: ["data", "merge", "--datasets-dir",
+                                               str(_tokenized_pt(t, shard="shard-00000-of-00002"))]),
+    ("merge-pt-former-column-format", lambda w, t: ["data", "merge", "--datasets-dir", str(_tokenized_pt(t, old=True))]),
     ("merge-bad-ratio", lambda w, t: ["data", "merge", "--datasets-dir", str(w.ds), "--ratio", "bible-kjv"]),
     ("merge-nan-ratio", lambda w, t: ["data", "merge", "--datasets-dir", str(w.ds), "--ratio", "bible-kjv=nan"]),
     ("merge-inf-ratio", lambda w, t: ["data", "merge", "--datasets-dir", str(w.ds), "--ratio", "bible-kjv=inf"]),

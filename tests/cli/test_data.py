@@ -49,6 +49,7 @@ def test_whole_pipeline_on_builtin_and_local_data(tmp_path):
     out = _ok(["data", "tokenize", "--tokenizer", str(tok), "--datasets-dir", str(ds), "--max-length", "1024"])
     for stage in ("pt", "sft", "dpo", "grpo", "r1"):
         assert f"{stage}/" in out
+    assert "\r" not in out and "%|" not in out  # no progress bar frames when the output is not a terminal
     assert (ds / "tokenized/pt/notes/shard-00000-of-00001/tokens.bin").is_file()
     again = _ok(["data", "tokenize", "--tokenizer", str(tok), "--datasets-dir", str(ds), "--max-length", "1024",
                  "--stage", "sft"])

@@ -38,6 +38,18 @@ def test_help_of_every_command_renders(path):
     assert "Usage" in result.output
 
 
+def test_the_top_help_lists_the_commands_in_pipeline_order_one_sentence_each():
+    result = runner.invoke(app, ["--help"], terminal_width=120, env={"COLUMNS": "120"})
+    assert result.exit_code == 0, result.output
+    box = result.output.split("Commands")[1]
+    rows = [ln.strip("│ ").rstrip() for ln in box.splitlines() if ln.startswith("│")]
+    names = [row.split()[0] for row in rows]
+    assert names == ["data", "train", "eval", "chat", "serve", "upcycle", "average", "report", "push", "config", "env"]
+    for row in rows:  # one line each, a whole sentence
+        text = row.split(None, 1)[1].rstrip("│ ")
+        assert text.endswith(".") and text.count(". ") == 0, row
+
+
 def test_expected_groups_are_registered():
     paths = {" ".join(p) for p in command_paths()}
     assert {"config", "config show", "env"} <= paths

@@ -56,10 +56,14 @@ def weights_of(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_the_weightings():
     assert weights_for("sma", 4) == [0.25] * 4
-    alpha, n = 0.3, 4
-    raw = [alpha * (1 - alpha) ** (n - i) for i in range(1, n + 1)]
-    assert weights_for("ema", n, alpha) == pytest.approx([w / sum(raw) for w in raw])
-    assert weights_for("ema", n, alpha)[-1] == max(weights_for("ema", n, alpha))  # newest heaviest
+    # EMA as the paper (arXiv 2505.12082) defines it: M_1 = W_1, M_i = alpha W_i + (1 - alpha) M_(i-1). Run
+    # that recursion on one-hot "models" and read each source's weight off the result.
+    for alpha, n in ((0.3, 4), (0.2, 1), (0.5, 2), (0.9, 6)):
+        m = [1.0] + [0.0] * (n - 1)
+        for i in range(1, n):
+            m = [alpha * (j == i) + (1 - alpha) * x for j, x in enumerate(m)]
+        assert weights_for("ema", n, alpha) == pytest.approx(m, rel=1e-12)
+    assert weights_for("ema", 4, 0.3)[0] == pytest.approx(0.7**3)  # the oldest starts the recursion
     assert weights_for("wma", 3) == pytest.approx([1 / 6, 2 / 6, 3 / 6])
     assert sum(weights_for("ema", 7, 0.2)) == pytest.approx(1.0)
     with pytest.raises(DogeError, match="--alpha"):
@@ -84,9 +88,11 @@ def test_sma_of_two_is_the_midpoint_and_ema_follows_its_weights(tmp_path):
         assert torch.equal(mid[key], ((a[key].double() + b[key].double()) / 2).float()), key
     w = weights_for("ema", 3, 0.2)
     ema = weights_of(average([ckpt(run, 3), ckpt(run, 1), ckpt(run, 2)], "ema", tmp_path / "ema"))  # any order
-    for key in a:
-        want = (a[key].double() * w[0] + b[key].double() * w[1] + c[key].double() * w[2]).float()
-        assert torch.equal(ema[key], want), key
+    for key in a:  # the recursion itself, in float64, on the checkpoints in step order
+        m = a[key].double()
+        for later in (b, c):
+            m = 0.2 * later[key].double() + 0.8 * m
+        torch.testing.assert_close(ema[key].double(), m, rtol=1e-6, atol=1e-9)  # float32 rounding of the sum
     record = json.loads((tmp_path / "ema" / "averaging.json").read_text())
     assert [s["path"].rsplit("/", 1)[-1] for s in record["sources"]] == ["step-000001", "step-000002", "step-000003"]
     assert [s["weight"] for s in record["sources"]] == pytest.approx(w)

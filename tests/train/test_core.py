@@ -259,3 +259,13 @@ def test_init_from_with_a_smaller_vocabulary_is_refused(pt_data, tmp_path):
     save_pretrained(DogeForCausalLM(small, attn_implementation="eager"), tmp_path / "small")
     with pytest.raises(DogeError, match="vocabulary of 100"):
         run(pt_data, tmp_path / "run", steps=2, init_from=str(tmp_path / "small"))
+
+
+def test_a_cpu_run_logs_no_deepspeed_accelerator_warning(pt_data, tmp_path):
+    """DeepSpeed's "Setting accelerator to CPU ..." came once per training command (7 times in a demo)."""
+    env = {k: v for k, v in ENV.items() if k != "DS_ACCELERATOR"}
+    args = [sys.executable, "-m", "doge_cli", "train", "pt", "--hardware", "cpu",
+            *tiny_overrides(pt_data, tmp_path / "run", steps=2)]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Setting accelerator" not in result.stdout + result.stderr
