@@ -475,20 +475,24 @@ class Loop:
                 raise DogeError(self._divergence_message(step))
             self.last_loss = record["loss"]
             self.window = self._new_window()
+            paused = time.perf_counter()
             if eval_due:
                 self.eval_loss = self.evaluate()
                 if self.eval_loss is not None:
                     record.update(eval_loss=self.eval_loss, eval_ppl=math.exp(min(self.eval_loss, 50)))
             if sample_due:
                 record["sample"] = self.sample()
+            self.window["paused_s"] += time.perf_counter() - paused
             self.logger.log(record)
         every = self.config.checkpoint.every
         if (every and step % every == 0) or (step == end and step < total):
             if self._any_nonfinite():
                 raise DogeError(self._divergence_message(step))
+            paused = time.perf_counter()
             self._save(step)
             if self.config.hub.push and self.config.hub.strategy == "every_save" and step < total:
                 self._push_checkpoint(step)
+            self.window["paused_s"] += time.perf_counter() - paused
         warmup = self.config.train.moe_warmup_steps
         if warmup and step == warmup and step < total:
             self.logger.message(f"MoE warm-up done after step {step}: every tensor trains from now on")
@@ -549,8 +553,9 @@ class Loop:
 
     @staticmethod
     def _new_window() -> dict[str, Any]:
+        # paused_s: time spent evaluating, sampling and checkpointing, which throughput leaves out
         return {"loss": 0.0, "targets": 0, "tokens": 0, "steps": 0, "metrics": {}, "stats": {}, "micro_batches": 0,
-                "t0": time.perf_counter()}
+                "t0": time.perf_counter(), "paused_s": 0.0}
 
     def _window_state(self) -> dict[str, Any]:
         """The unlogged sums of this process, as plain numbers (fp32 values, so they restore exactly)."""
@@ -576,6 +581,9 @@ class Loop:
     def _log_record(self, step: int, total: int) -> dict[str, Any]:
         acc, window = self.acc, self.window
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+        # Throughput and MFU count the training steps (data, forward, backward, optimizer) only; evaluation,
+        # sampling and checkpoints run between them and would charge their time to the steps.
+        training = max(elapsed - window["paused_s"], 1e-9)
         loss = window["loss"]
         loss = loss.clone() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss), device=acc.device)
         loss_sum = acc.reduce(loss, reduction="sum")
@@ -586,15 +594,16 @@ class Loop:
             "loss": float(loss_sum / targets.clamp(min=1)),
             "lr": self.config.optim.lr * lr_multiplier(step - 1, total, self.config.schedule),
             "grad_norm": float(self.grad_norm),
-            "tokens_per_s": tokens / elapsed,
+            "tokens_per_s": tokens / training,
             "mem_gb": peak_memory_gb(acc.device.type),
             # The window's own figures, so that sums over the records (doge report) give the run's wall time
             # and tokens, resumed runs included (metrics.jsonl is cut back to the checkpoint on resume).
             "tokens": tokens,
             "time_s": elapsed,
+            "train_s": training,
         }
         if self.flops_per_target and self.peak:
-            record["mfu"] = self.flops_per_target * tokens / elapsed / (self.peak * self.world)
+            record["mfu"] = self.flops_per_target * tokens / training / (self.peak * self.world)
         for key, value in window["metrics"].items():
             record[key] = float(acc.reduce(value.clone(), reduction="sum") / targets.clamp(min=1))
         micro_batches = acc.reduce(torch.tensor(float(window["micro_batches"]), device=acc.device), reduction="sum")

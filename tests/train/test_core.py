@@ -269,3 +269,35 @@ def test_a_cpu_run_logs_no_deepspeed_accelerator_warning(pt_data, tmp_path):
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Setting accelerator" not in result.stdout + result.stderr
+
+
+def test_throughput_leaves_out_evaluation_sampling_and_checkpoints(pt_data, tmp_path, monkeypatch):
+    """A fake clock: every training step takes 1 s, every evaluation 50 s, every sample 20 s and every
+    checkpoint 100 s. Tokens/s must be the steps' (tokens over 1 s a step), wall time everything."""
+    import types
+
+    from doge_cli.train import core
+
+    clock = [0.0]
+    monkeypatch.setattr(core, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=time.time,
+                                                             sleep=time.sleep, strftime=time.strftime))
+
+    def slow(method, seconds):
+        def wrapped(self, *args, **kwargs):
+            clock[0] += seconds
+            return method(self, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(core.Loop, "train_step", slow(core.Loop.train_step, 1.0))
+    monkeypatch.setattr(core.Loop, "evaluate", slow(core.Loop.evaluate, 50.0))
+    monkeypatch.setattr(core.Loop, "sample", slow(core.Loop.sample, 20.0))
+    monkeypatch.setattr(core.Loop, "_save", slow(core.Loop._save, 100.0))
+    run(pt_data, tmp_path / "run", steps=6, **{"logging.log_every": 2, "logging.eval_every": 2,
+                                                 "logging.sample_every": 4, "checkpoint.every": 3})
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in records:
+        assert r["train_s"] == pytest.approx(2.0)  # two steps a window
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / 2.0)
+    # Wall time keeps the rest: up to the last record, 6 steps, the evaluations after steps 2 and 4, the sample
+    # after step 4 and the checkpoint of step 3 (step 6's evaluation and checkpoint come after its record).
+    assert [r["time_s"] for r in records] == pytest.approx([2.0, 2 + 50 + 100, 2 + 50 + 20])
