@@ -190,7 +190,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         log(f"running {name}")
         found[name] = run_stage_task(name, lm, tok, datasets_dir=Path(datasets_dir), max_samples=max_samples,
                                      batch_size=batch_size, reference=ref_model,
-                                     max_new_tokens=max_new_tokens or MATH_MAX_NEW_TOKENS)
+                                     max_new_tokens=max_new_tokens or MATH_MAX_NEW_TOKENS, log=log)
     from importlib.metadata import version
 
     from doge_cli import __version__

@@ -118,7 +118,8 @@ def _check_ids(rows, lm, task: str) -> None:
 
 
 def _reply_logps(lm, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
-    """Summed log p(reply | prompt) for each (prompt ids, reply ids), in batches of right-padded rows."""
+    """Summed log p(reply | prompt) for each (prompt ids, reply ids), in batches of right-padded rows. A
+    pair longer than the model's context keeps its end (:func:`_cut_pairs` counts them)."""
     import torch
 
     from doge_cli.train.objectives.lm import pad_right, token_logprobs
@@ -145,7 +146,19 @@ def _reply_logps(lm, pairs: list[tuple[list[int], list[int]]], batch_size: int) 
     return out
 
 
-def preference(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int, reference=None, **_) -> dict:
+def _cut_pairs(lm, pairs: list[tuple[list[int], list[int]]], task: str, what: str, log: Callable[[str], None]) -> int:
+    """How many (prompt, reply) pairs exceed the model's context, said in one line when any do: they are
+    scored with the start of the prompt cut (and of the reply too, when the reply alone is longer)."""
+    limit = lm.config.max_position_embeddings
+    cut = sum(len(p) + len(r) > limit for p, r in pairs)
+    if cut:
+        log(f"{task}: {cut} of {len(pairs)} {what} are longer than the model's {limit}-token context; they are "
+            "scored on their last tokens (the prompt's start cut off)")
+    return cut
+
+
+def preference(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int, reference=None,
+               log: Callable[[str], None] = lambda _m: None, **_) -> dict:
     split = _split(datasets_dir, "dpo", "preference", ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
                    max_samples, tok)
     prompts, chosen, rejected = (list(map(list, split[c])) for c in
@@ -153,6 +166,7 @@ def preference(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size:
     _check_ids(prompts + chosen + rejected, lm, "preference")
     pairs = list(zip(prompts, chosen)) + list(zip(prompts, rejected))
     n = len(prompts)
+    truncated = _cut_pairs(lm, pairs, "preference", "prompt-reply sequences", log)
     logps = _reply_logps(lm, pairs, batch_size)
     diff = [c - r for c, r in zip(logps[:n], logps[n:])]
     out = _metrics({"accuracy": [float(d > 0) for d in diff], "margin": diff})
@@ -161,6 +175,7 @@ def preference(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size:
         ratio = [d - (c - r) for d, c, r in zip(diff, ref[:n], ref[n:])]
         out.update(_metrics({"reward_accuracy": [float(x > 0) for x in ratio], "reward_margin": ratio}))
     out["samples"] = n
+    out["truncated"] = truncated
     return out
 
 
@@ -171,7 +186,8 @@ def _metrics(values: dict[str, list[float]]) -> dict:
     return out
 
 
-def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int, **_) -> dict:
+def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int,
+            log: Callable[[str], None] = lambda _m: None, **_) -> dict:
     import json
 
     from doge_cli.chat_format import prompt_ids
@@ -198,6 +214,7 @@ def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: in
             reply = tok(full[len(text):], add_special_tokens=False)["input_ids"]
             pairs.append((prompt, reply))
         index.append(len(row["choices"]))
+    truncated = _cut_pairs(lm, pairs, "chat-mc", "question-choice sequences", log)
     logps = _reply_logps(lm, pairs, batch_size)
     acc, acc_norm, at = [], [], 0
     for row, k in zip(rows, index):
@@ -207,11 +224,11 @@ def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: in
         gold = int(row["label"])
         acc.append(float(max(range(k), key=lambda i: scores[i]) == gold))
         acc_norm.append(float(max(range(k), key=lambda i: per_char[i]) == gold))
-    return {**_metrics({"acc": acc, "acc_norm": acc_norm}), "samples": len(rows)}
+    return {**_metrics({"acc": acc, "acc_norm": acc_norm}), "samples": len(rows), "truncated": truncated}
 
 
 def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int,
-                max_new_tokens: int = MATH_MAX_NEW_TOKENS, **_) -> dict:
+                max_new_tokens: int = MATH_MAX_NEW_TOKENS, log: Callable[[str], None] = lambda _m: None, **_) -> dict:
     import torch
 
     from doge_cli.chat_format import prompt_ids, stop_ids
@@ -228,7 +245,18 @@ def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size
     if limit < 1:
         raise DogeError(f"task math-reward: --max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
                         f"model's {lm.config.max_position_embeddings}-token context; ask for fewer")
-    prompts = [p[-limit:] for p in prompts]
+    # A prompt with no room left for a reply is left out, not cut: its start is the system prompt and the
+    # question, without which the reward would measure another task.
+    keep = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    skipped = len(prompts) - len(keep)
+    if skipped:
+        if not keep:
+            raise DogeError(f"task math-reward: every prompt is longer than the {limit} tokens the model's "
+                            f"{lm.config.max_position_embeddings}-token context leaves after {max_new_tokens} new "
+                            "tokens; ask for fewer with --max-new-tokens")
+        log(f"math-reward: {skipped} of {len(prompts)} prompts are longer than the {limit} tokens left after "
+            f"{max_new_tokens} new tokens; they are left out (the others are scored)")
+    prompts, answers = [prompts[i] for i in keep], [answers[i] for i in keep]
     stops = stop_ids(lm.config, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: dict = {}
@@ -257,6 +285,7 @@ def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size
                              f"accuracy{suffix}": _per_question(acc, per_prompt),
                              f"reward{suffix}": _per_question(total, per_prompt)}))
     out["samples"] = len(prompts)
+    out["skipped"] = skipped
     return out
 
 
@@ -271,7 +300,9 @@ RUNNERS: dict[str, Callable[..., dict]] = {
 
 
 def run_stage_task(name: str, lm, tok, *, datasets_dir: Path, max_samples: int | None, batch_size: int,
-                   reference=None, max_new_tokens: int = MATH_MAX_NEW_TOKENS) -> dict:
-    """The metrics of stage task ``name`` for the loaded model ``lm`` (module docstring)."""
+                   reference=None, max_new_tokens: int = MATH_MAX_NEW_TOKENS,
+                   log: Callable[[str], None] = lambda _m: None) -> dict:
+    """The metrics of stage task ``name`` for the loaded model ``lm`` (module docstring); what had to be cut
+    or left out to fit the model's context is said through ``log`` and counted in the result."""
     return RUNNERS[name](lm, tok, Path(datasets_dir), max_samples, batch_size, reference=reference,
-                         max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens, log=log)

@@ -235,3 +235,30 @@ def test_math_reward_fits_its_replies_into_a_short_context(env, tmp_path):
         evaluate(str(env["policy"]), tasks=["sft-loss", "math-reward"], datasets_dir=tmp_path, output_dir=None,
                  device="cpu", max_new_tokens=300, log=again.append)
     assert again and not any(m.startswith("running") for m in again)  # nothing ran before the refusal
+
+
+def test_what_does_not_fit_the_context_is_said_and_counted(env, tmp_path):
+    """preference pairs longer than the context are scored on their ends (said once, counted); math-reward
+    prompts with no room for a reply are left out (said, counted), never cut to lose their system prompt."""
+    lm, tok = load(env["policy"])
+    limit = lm.config.max_position_embeddings
+    rows = {"prompt_input_ids": [[11] * 5, [12] * (limit - 3), [13] * 4],
+            "chosen_input_ids": [[20] * 3, [21] * 6, [22] * 2], "rejected_input_ids": [[30] * 2, [31] * 2, [32] * 3]}
+    save_split(tmp_path / "merged" / "dpo", rows)
+    said: list[str] = []
+    got = run_stage_task("preference", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2, log=said.append)
+    assert got["truncated"] == 1 and got["samples"] == 3
+    assert said == [f"preference: 1 of 6 prompt-reply sequences are longer than the model's {limit}-token context; "
+                    "they are scored on their last tokens (the prompt's start cut off)"]
+    long_question = "seven " * 200
+    prompts = [[{"role": "system", "content": "Think."}, {"role": "user", "content": q}]
+               for q in ("1 + 1?", long_question, "2 + 2?")]
+    save_split(tmp_path / "merged" / "grpo", {"prompt": prompts, "answer": ["2", "x", "4"]})
+    said.clear()
+    got = run_stage_task("math-reward", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2,
+                         max_new_tokens=8, log=said.append)
+    assert got["samples"] == 2 and got["skipped"] == 1
+    assert len(said) == 1 and said[0].startswith("math-reward: 1 of 3 prompts are longer than the")
+    save_split(tmp_path / "merged" / "grpo", {"prompt": prompts[1:2], "answer": ["x"]})
+    with pytest.raises(DogeError, match="every prompt is longer than"):
+        run_stage_task("math-reward", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2, max_new_tokens=8)
