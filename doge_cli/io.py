@@ -4,10 +4,12 @@
   into place; :func:`write_text_atomic` and :func:`write_json` do the same for one file. A crash,
   a failure or a full disk leaves the destination as it was.
 - **Only doge's own outputs are replaced.** Every folder written through :func:`atomic_dir` carries
-  a marker file (:data:`OUTPUT_MARKER`). An existing destination is replaced only when it carries
-  that marker or is an empty folder; a file, or a folder of someone else's files, is refused with a
-  one-line error before any work is done (:func:`check_replaceable`). A file is replaced only when
-  the caller's ``is_ours`` check recognises it as one doge wrote.
+  a marker file (:data:`OUTPUT_MARKER`) that lists the files doge wrote there. An existing destination
+  is replaced only when it carries that marker and holds nothing else (a user's notes, an edited model
+  card or an eval folder put inside stop it, and the file is named), or is an empty folder; a file, or a
+  folder of someone else's files, is refused with a one-line error before any work is done
+  (:func:`check_replaceable`). A marker from before the list was kept counts as doge's folder. A file
+  is replaced only when the caller's ``is_ours`` check recognises it as one doge wrote.
 - Names a user gives for a single folder (``--name``) must be one path component
   (:func:`check_component`), so no name escapes the folder it is meant for.
 """
@@ -51,18 +53,62 @@ def is_doge_output(path: Path) -> bool:
     return (Path(path) / OUTPUT_MARKER).is_file()
 
 
+def files_in(folder: Path) -> list[str]:
+    """Every file under ``folder`` as a relative POSIX path, sorted (the marker excluded)."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if (p.is_file() or p.is_symlink()) and p.name != OUTPUT_MARKER)
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The files in a doge output folder that its marker does not list (none for a marker without a list)."""
+    marker = read_json_object(Path(folder) / OUTPUT_MARKER)
+    written = marker.get("files") if marker else None
+    if not isinstance(written, list):
+        return []
+    return sorted(set(files_in(folder)) - set(written))
+
+
 def check_replaceable(path: str | os.PathLike, what: str = "output") -> None:
-    """Refuse a destination doge may not replace: a file, or a non-empty folder without the marker."""
+    """Refuse a destination doge may not replace: a file, a non-empty folder without the marker, or a doge
+    folder that holds files doge did not write there."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir() or path.is_symlink():
         raise DogeError(f"{what} {path} exists and is not a folder doge wrote; choose another path "
                         "(doge replaces only folders it created)")
-    if is_doge_output(path) or not any(path.iterdir()):
+    if is_doge_output(path):
+        foreign = foreign_files(path)
+        if foreign:
+            raise DogeError(f"{what} {path} holds {foreign[0]}, which doge did not write there; move it out or choose "
+                            "another path (doge replaces only what it created)")
+        return
+    if not any(path.iterdir()):
         return
     raise DogeError(f"{what} {path} holds files doge did not write; choose another path or empty it yourself "
                     "(doge replaces only folders it created)")
+
+
+def check_apart(out: str | os.PathLike, inputs: dict[str, Any], what: str = "--out") -> None:
+    """Refuse an output that is, holds, or sits inside one of the ``inputs`` (name -> path; entries that are
+    None or not local paths, such as hub ids, are skipped): writing it would replace or change what the
+    command reads."""
+    target = Path(out).expanduser().resolve()
+    for name, given in inputs.items():
+        if given is None or not Path(str(given)).expanduser().exists():
+            continue
+        source = Path(str(given)).expanduser().resolve()
+        if target == source:
+            how = "is"
+        elif target in source.parents:
+            how = "holds"
+        elif source in target.parents:
+            how = "sits inside"
+        else:
+            continue
+        raise DogeError(f"{what} {out} {how} the {name} {given}, which this command reads; choose an output "
+                        "outside it")
 
 
 def check_component(name: str, what: str = "--name") -> str:
@@ -95,7 +141,8 @@ def atomic_dir(final: str | os.PathLike, *, kind: str) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        marker = {"kind": kind, "doge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        marker = {"kind": kind, "doge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "files": files_in(tmp)}
         (tmp / OUTPUT_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
         check_replaceable(final)
         if final.exists():

@@ -399,11 +399,13 @@ def render_html(runs: list[Run], png: Path | None, created: str) -> str:
 def write_report(run_dirs: list[Path], out: Path, *, eval_paths: list[Path] = (), as_html: bool = False,
                  labels: list[str] | None = None) -> list[Path]:
     """Write the report (and its PNG, and the HTML page when asked); returns the files written."""
-    from doge_cli.io import check_file_target, write_text_atomic
+    from doge_cli.io import check_apart, check_file_target, write_text_atomic
 
     out = Path(out)
     if out.suffix != ".md":
         raise DogeError(f"--out {out} must end in .md (the HTML page, with --html, goes beside it)")
+    # Inside a run folder the report would be a file doge's run does not list (and --overwrite refuses).
+    check_apart(out, {f"run {p}": p for p in run_dirs})
 
     def ours(path: Path) -> bool:  # a report doge wrote earlier may be replaced, nothing else
         if path.suffix == ".png":

@@ -96,3 +96,28 @@ def test_atomic_files_get_the_permissions_a_plain_write_would(tmp_path):
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"a.json": 0o640, "b.txt": 0o640, "plain.txt": 0o640}  # not mkstemp's 0600
+
+
+def test_a_doge_folder_with_the_users_files_inside_is_not_replaced(tmp_path):
+    import pytest
+
+    from doge_cli.errors import DogeError
+    from doge_cli.io import atomic_dir, check_replaceable
+
+    out = tmp_path / "model"
+    with atomic_dir(out, kind="model") as tmp:
+        (tmp / "weights.bin").write_text("w")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.json").write_text("{}")
+    check_replaceable(out)  # only doge's files: replaceable
+    (out / "README.md").write_text("my edited card")
+    with pytest.raises(DogeError, match="holds README.md, which doge did not write there"):
+        check_replaceable(out, "--out")
+    with pytest.raises(DogeError, match="holds README.md"):
+        with atomic_dir(out, kind="model") as tmp:
+            (tmp / "weights.bin").write_text("new")
+    assert (out / "README.md").read_text() == "my edited card" and (out / "weights.bin").read_text() == "w"
+    (out / "README.md").unlink()
+    with atomic_dir(out, kind="model") as tmp:
+        (tmp / "weights.bin").write_text("new")
+    assert (out / "weights.bin").read_text() == "new"

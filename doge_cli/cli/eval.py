@@ -63,7 +63,10 @@ def eval_models(
     # Everything that can be wrong with the flags is found before the first model is evaluated.
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
     pick_device(device)
+    from doge_cli.io import check_apart
+
     for name in model or []:
+        check_apart(output_dir, {"model": name, "reference model": reference}, "--output-dir")
         results_path(output_dir, name)
     # A file or pipe gets the 100 columns the table is laid out for (rich would use 80).
     console = Console(highlight=False, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 100)

@@ -18,7 +18,7 @@ from doge_cli.data.hub import HUB_SOURCES, load_hub_source
 from doge_cli.data.schema import DATA_STAGES, normalize
 from doge_cli.data.storage import folder_bytes, save_dataset
 from doge_cli.errors import DogeError
-from doge_cli.io import check_component, check_replaceable, write_json
+from doge_cli.io import check_apart, check_component, check_replaceable, write_json
 
 # The seed's pretraining mixture without python-edu: smollm-corpus's python-edu rows hold only Software
 # Heritage blob ids; the code itself sits in Software Heritage's S3 bucket, one object per file, which
@@ -133,6 +133,7 @@ def import_local(
     if max_examples is not None and max_examples <= 0:
         raise DogeError("--max-examples must be positive")
     dest = Path(save_dir) / stage / name
+    check_apart(dest, {"--local input": path}, "the source folder")
     check_replaceable(dest, f"source folder {stage}/{name}")
     batches = iter_local(path, max_examples)
     first = next(batches)  # the file's own problems (missing, empty, unreadable) before anything is created

@@ -153,7 +153,7 @@ def tokenize_pt_shard(src: Path, out_dir: Path, tok, max_length: int, key: dict,
 
     from doge_cli.data.arrowio import iter_batches
     from doge_cli.data.blocks import StreamWriter, new_build_id, shard_name, shard_rows, token_dtype
-    from doge_cli.io import OUTPUT_MARKER, is_doge_output, write_json
+    from doge_cli.io import OUTPUT_MARKER, files_in, foreign_files, is_doge_output, write_json
 
     index, count = shard
     name = shard_name(index, count)
@@ -171,6 +171,10 @@ def tokenize_pt_shard(src: Path, out_dir: Path, tok, max_length: int, key: dict,
         info = read_manifest(old) if done_match else _read_progress(old)
         if split != f"{count:05d}" or (info or {}).get("cache_key") != key:
             if is_doge_output(old) or (old / PROGRESS).is_file():
+                foreign = foreign_files(old)
+                if foreign:
+                    raise DogeError(f"{old} holds {foreign[0]}, which doge did not write there; move it out (doge "
+                                    "replaces only what it created)")
                 shutil.rmtree(old)
     rows = count_rows(src)
     lo, hi = shard_rows(rows, index, count)
@@ -209,8 +213,13 @@ def tokenize_pt_shard(src: Path, out_dir: Path, tok, max_length: int, key: dict,
                 **(extra or {})}
     (partial / PROGRESS).unlink()
     write_json(partial / "manifest.json", manifest)
-    (partial / OUTPUT_MARKER).write_text(json.dumps({"kind": "tokenized pretraining shard"}) + "\n")
+    (partial / OUTPUT_MARKER).write_text(json.dumps({"kind": "tokenized pretraining shard",
+                                                     "files": files_in(partial)}) + "\n")
     if final.exists():  # an earlier run's shard with other settings: replaced only now that this one is whole
+        foreign = foreign_files(final)
+        if foreign:
+            raise DogeError(f"{final} holds {foreign[0]}, which doge did not write there; move it out (doge "
+                            "replaces only what it created)")
         aside = out_dir / f".{name}.old"
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)

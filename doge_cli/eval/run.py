@@ -157,6 +157,9 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
 
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
     if output_dir is not None:
+        from doge_cli.io import check_apart
+
+        check_apart(output_dir, {"model": model, "reference model": reference}, "--output-dir")
         results_path(Path(output_dir), model)
     names = expand_task_names(tasks)
     configs = task_configs(names, Path(datasets_dir))

@@ -63,7 +63,7 @@ def upcycle(dense: str, out: str | Path, *, num_experts: int, experts_per_token:
     (a dense model's config carries 0)."""
     from transformers import AutoTokenizer, DogeConfig
 
-    from doge_cli.io import check_replaceable
+    from doge_cli.io import check_apart, check_replaceable
     from doge_cli.model import DogeForCausalLM, load_model, save_pretrained
     from doge_cli.model.hub import _resolve
 
@@ -72,6 +72,7 @@ def upcycle(dense: str, out: str | Path, *, num_experts: int, experts_per_token:
     check_experts(num_experts, experts_per_token)
     if not (math.isfinite(router_aux_loss_coef) and router_aux_loss_coef >= 0):
         raise DogeError(f"--router-aux-loss-coef must be a finite number >= 0, got {router_aux_loss_coef}")
+    check_apart(out, {"dense model": dense})
     check_replaceable(out, "--out")
     model = load_model(dense, attn_implementation="eager", dtype=torch.float32, allow_legacy=False)
     if model.config.is_moe:

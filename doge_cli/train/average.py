@@ -155,7 +155,7 @@ def average(sources: list[Path], method: str, out: Path, *, alpha: float = 0.2, 
     """Average ``sources`` (oldest first) into the model folder ``out``; returns it."""
     from transformers import AutoTokenizer, DogeConfig
 
-    from doge_cli.io import check_replaceable
+    from doge_cli.io import check_apart, check_replaceable
     from doge_cli.model import DogeForCausalLM, save_pretrained
     from doge_cli.train.checkpoint import load_weights_strictly
 
@@ -168,6 +168,8 @@ def average(sources: list[Path], method: str, out: Path, *, alpha: float = 0.2, 
         sources.sort(key=checkpoint_step)
     weights = weights_for(method, len(sources), alpha)
     model_dir = template_for(sources, template)
+    runs = {f"run {p.parent.parent}": p.parent.parent for p in sources if is_checkpoint(p)}  # the checkpoints' runs
+    check_apart(out, {**{f"source {i + 1}": p for i, p in enumerate(sources)}, "template": model_dir, **runs})
     check_replaceable(out, "--out")
     state = average_state(sources, weights)
     try:

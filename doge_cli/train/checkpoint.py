@@ -8,20 +8,25 @@ Layout of ``RUN/checkpoints/step-NNNNNN/``:
 - ``rank-NNNNN.pt`` for every process: its RNG states and the metric sums of the logging window
   not yet logged, so a resumed run logs exactly what a straight run logs;
 - ``config.yaml``: the resolved config of the run;
-- ``state.json``: step, data position, last losses; written last, so its presence marks a complete
-  checkpoint.
+- ``state.json``: step, data position, last losses, and the size and xxh3-128 checksum of every other
+  file; written last, so its presence marks a complete checkpoint.
 
-Everything is written into ``.tmp-step-NNNNNN`` and renamed once complete, so a run killed mid-write
-leaves a temporary folder that ``--resume auto`` ignores (and the next save removes). ``*.pt`` files
-hold tensors and plain Python values only and are read with ``torch.load(weights_only=True)``.
+Everything is written into ``.tmp-step-NNNNNN``, flushed to disk (``fsync`` of every file and folder)
+and renamed once complete, so a run killed mid-write, or a machine that loses power, leaves a
+temporary folder that ``--resume auto`` ignores (and the next save removes). ``*.pt`` files hold
+tensors and plain Python values only and are read with ``torch.load(weights_only=True)``.
 
-Reading (:func:`load`) checks every piece and names the one that is broken; :func:`pick_resume`
-falls back from a broken newest checkpoint to the newest one that reads completely.
+Reading (:func:`load`) verifies every file against its recorded size and checksum (a zeroed page or a
+flipped byte would otherwise still load), checks every piece and names the one that is broken;
+:func:`pick_resume` falls back from a broken newest checkpoint to the newest one that verifies and
+reads completely.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import random
 import re
 import shutil
@@ -32,6 +37,8 @@ from typing import Any
 import torch
 
 from doge_cli.errors import DogeError
+
+logger = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 STATE_FILE = "state.json"
@@ -116,12 +123,21 @@ def save(acc, run_dir: Path, step: int, *, model, optimizer, sharded: bool, rank
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": acc.num_processes,
-                                                      "sharded": sharded}, indent=2), encoding="utf-8")
+            # Every file's size and checksum (and so the list of what doge wrote): resume verifies them, so
+            # a file a lost power or a bad disk left zeroed or flipped is found, not loaded.
+            files = checksums(tmp)
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "world_size": acc.num_processes, "sharded": sharded,
+                                                      "files": files}, indent=2), encoding="utf-8")
+            sync_tree(tmp)  # the data on disk before the rename that makes the checkpoint count
             if final.exists():
-                shutil.rmtree(final)
+                _remove_ours(final)
             tmp.rename(final)
+            sync_dir(root)
             for old in list_checkpoints(run_dir)[:-keep_last]:
+                if foreign_in_checkpoint(old):
+                    logger.warning("keeping %s: it holds %s, which doge did not write there", old,
+                                   foreign_in_checkpoint(old)[0])
+                    continue
                 shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         if acc.is_main_process:
@@ -129,6 +145,83 @@ def save(acc, run_dir: Path, step: int, *, model, optimizer, sharded: bool, rank
         raise DogeError(f"could not write checkpoint {final}: {err.strerror or err}") from None
     acc.wait_for_everyone()
     return final
+
+
+def checksums(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes", "xxh3"}}`` of every file under ``folder`` (xxh3-128: several GB/s)."""
+    import xxhash
+
+    out = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        digest = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        out[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "xxh3": digest.hexdigest()}
+    return out
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (and itself)."""
+    for path in sorted(Path(folder).rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            sync_dir(path)
+    sync_dir(folder)
+
+
+def sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def foreign_in_checkpoint(path: Path) -> list[str]:
+    """Files in a checkpoint folder that its state.json does not list (none for a checkpoint that lists none)."""
+    try:
+        listed = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(listed, dict):
+        return []
+    present = {p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file()}
+    return sorted(present - set(listed) - {STATE_FILE})
+
+
+def _remove_ours(path: Path) -> None:
+    foreign = foreign_in_checkpoint(path)
+    if foreign:
+        raise DogeError(f"checkpoint {path} holds {foreign[0]}, which doge did not write there; move it out "
+                        "(doge replaces only what it created)")
+    shutil.rmtree(path)
+
+
+def verify(path: Path, state: dict[str, Any]) -> None:
+    """Every file the checkpoint's state.json lists has its recorded size and checksum; a DogeError names the
+    first that does not (checkpoints from before the list was kept are not verified)."""
+    import xxhash
+
+    files = state.get("files")
+    if not isinstance(files, dict):
+        return
+    for name, want in files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            raise DogeError(f"checkpoint {path} lacks {name}")
+        if file.stat().st_size != want.get("bytes"):
+            raise DogeError(f"checkpoint {path}: {name} has {file.stat().st_size:,} bytes, not the {want.get('bytes'):,} "
+                            "written; it is truncated or damaged")
+        digest = xxhash.xxh3_128()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != want.get("xxh3"):
+            raise DogeError(f"checkpoint {path}: {name} does not match the checksum recorded when it was written; "
+                            "it is damaged")
 
 
 # ------------------------------------------------------------------------------------------ read
@@ -168,6 +261,7 @@ def read_pieces(path: Path) -> dict[str, Any]:
 
     path = Path(path)
     state = read_state(path)
+    verify(path, state)
     try:
         config_yaml = (path / "config.yaml").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):

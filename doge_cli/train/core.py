@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -73,6 +74,10 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
     from accelerate import Accelerator, PartialState
 
     run_dir = Path(config.output_dir)
+    from doge_cli.io import check_apart
+
+    check_apart(run_dir, {"start model (init_from)": getattr(config, "init_from", None), "dataset (data.path)":
+                          config.data.path, "tokenizer (data.tokenizer)": config.data.tokenizer}, "output_dir")
     try:
         hardware_note = presets.check_hardware(config.hardware, config.runtime.device)
     except ValueError as err:
@@ -116,7 +121,36 @@ def check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> bool
     if is_run and not resume and not overwrite:
         raise DogeError(f"output_dir {run_dir} already holds a doge run; pass --resume auto to continue it, "
                         "--overwrite to replace it, or choose another output_dir")
+    if is_run and overwrite:
+        foreign = foreign_run_files(run_dir)
+        if foreign:
+            raise DogeError(f"output_dir {run_dir} holds {foreign[0]}, which doge did not write there, so --overwrite "
+                            "would lose it; move it out or choose another output_dir")
     return is_run and overwrite
+
+
+# What a run folder holds: doge's files, the trackers' folders (written by their libraries) and checkpoints.
+RUN_FILES = {RUN_MARKER, "config.yaml", "metrics.jsonl", "loss_curve.png", "final", "checkpoints", "tensorboard",
+             "wandb"}
+
+
+def foreign_run_files(run_dir: Path) -> list[str]:
+    """Files in a run folder that doge did not write: anything beside its own entries, in ``final/`` beyond
+    what its marker lists, or in a checkpoint beyond what its state.json lists."""
+    from doge_cli.io import foreign_files
+
+    out = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+    final = run_dir / "final"
+    if final.is_dir():
+        out += [f"final/{name}" for name in foreign_files(final)]
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        for entry in sorted(checkpoints.iterdir()):
+            if not (entry.is_dir() and re.fullmatch(r"\.?(tmp-)?step-\d+", entry.name)):
+                out.append(f"checkpoints/{entry.name}")
+            else:
+                out += [f"checkpoints/{entry.name}/{name}" for name in ckpt.foreign_in_checkpoint(entry)]
+    return out
 
 
 def _check_resume_config(path: Path, saved_text: str, config: StageConfig) -> None:
@@ -298,7 +332,7 @@ class Loop:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             if replace:
-                shutil.rmtree(self.run_dir)  # check_run_dir made sure it is a doge run
+                shutil.rmtree(self.run_dir)  # check_run_dir made sure it is a doge run with nothing else in it
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from doge_cli.env_info import run_environment
 

@@ -116,9 +116,19 @@ def test_output_dir_guards(pt_data, tmp_path):
     run(pt_data, tmp_path / "again", steps=2)
     with pytest.raises(DogeError, match="--resume auto"):
         run(pt_data, tmp_path / "again", steps=2)
-    (tmp_path / "again" / "extra.txt").write_text("x")
     run(pt_data, tmp_path / "again", steps=2, overwrite=True)  # an earlier doge run is replaced
-    assert not (tmp_path / "again" / "extra.txt").exists() and (tmp_path / "again" / "final").is_dir()
+    assert (tmp_path / "again" / "final").is_dir()
+    # ... unless the user put something of theirs in it: notes, an edited model card, an eval folder
+    for placed in ("NOTES.md", "final/README.md", "eval_results/final.json", "checkpoints/mine.txt"):
+        (tmp_path / "again" / placed).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "again" / placed).write_text("mine")
+        with pytest.raises(DogeError, match=f"holds {placed.split('/')[0] if placed.startswith('eval') else placed}, "
+                                            "which doge did not write there"):
+            run(pt_data, tmp_path / "again", steps=2, overwrite=True)
+        assert (tmp_path / "again" / placed).read_text() == "mine"
+        (tmp_path / "again" / placed).unlink()
+        if placed.startswith("eval_results"):
+            (tmp_path / "again" / "eval_results").rmdir()
 
 
 def test_a_failed_start_writes_nothing(pt_data, tmp_path):
@@ -177,6 +187,48 @@ def test_resume_auto_passes_over_a_broken_checkpoint(pt_data, tmp_path, capsys, 
     said = capsys.readouterr().out
     assert "passing over step-000006" in said and named in said and "resumed from" in said and "step-000004" in said
     assert result.steps == 8
+    a, b = weights(tmp_path / "straight" / "final"), weights(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _zero_page(path):
+    data = bytearray(path.read_bytes())
+    at = (len(data) // 2) // 4096 * 4096
+    data[at:at + 4096] = bytes(len(data[at:at + 4096]))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_flip_byte, _zero_page], ids=["one-flipped-byte", "a-zeroed-4k-page"])
+def test_silent_damage_to_any_checkpoint_file_is_found_by_its_checksum(pt_data, tmp_path, capsys, damage):
+    """A flipped byte or a zeroed page (what a power loss or a bad disk leaves) would still load; the
+    checksums recorded at save time find it in every file, and --resume auto falls back past it."""
+    extra = {"checkpoint.every": 2}
+    run(pt_data, tmp_path / "straight", steps=6, **extra)
+    out = tmp_path / "run"
+    run(pt_data, out, steps=6, stop_after=4, **extra)
+    newest = out / "checkpoints" / "step-000004"
+    state = json.loads((newest / "state.json").read_text())
+    names = sorted(state["files"])
+    assert set(names) == {p.name for p in newest.iterdir()} - {"state.json"}
+    for name in names:
+        saved = (newest / name).read_bytes()
+        damage(newest / name)
+        if (newest / name).read_bytes() == saved:  # a page of zeros in a file of zeros there
+            continue
+        with pytest.raises(DogeError, match=f"step-000004: {name} does not match the checksum"):
+            run(pt_data, out, steps=6, resume=str(newest), **extra)
+        (newest / name).write_bytes(saved)
+    damage(newest / "model.safetensors")
+    capsys.readouterr()
+    run(pt_data, out, steps=6, resume="auto", **extra)
+    said = capsys.readouterr().out
+    assert "passing over step-000004" in said and "checksum" in said and "step-000002" in said
     a, b = weights(tmp_path / "straight" / "final"), weights(out / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
