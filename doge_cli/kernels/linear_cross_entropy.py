@@ -41,6 +41,11 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def _accumulator(hidden: torch.Tensor) -> torch.dtype:
+    """fp32 sums for fp32 and lower inputs; fp64 inputs keep fp64 throughout."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
 def _check(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
         raise DogeError(
@@ -218,13 +223,14 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, temperature):
         n = hidden.shape[0]
+        acc = _accumulator(hidden)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        logprobs = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-        lses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        logprobs = torch.zeros(n, dtype=acc, device=hidden.device)
+        lses = torch.empty(n, dtype=acc, device=hidden.device)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = (hidden[start:end] @ weight.t()).float() / temperature
+            logits = (hidden[start:end] @ weight.t()).to(acc) / temperature
             lse = torch.logsumexp(logits, dim=-1)
             lses[start:end] = lse
             target_logit = logits.gather(1, safe_targets[start:end, None]).squeeze(1)
@@ -239,13 +245,14 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, targets, valid, lses = ctx.saved_tensors
         chunk_size, temperature = ctx.chunk_size, ctx.temperature
         dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dweight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        g_all = torch.where(valid, grad_logprobs.float(), 0.0) / temperature
+        acc = _accumulator(hidden)
+        dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        g_all = torch.where(valid, grad_logprobs.to(acc), 0.0) / temperature
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             h = hidden[start:end]
             g = g_all[start:end]
-            logits = (h @ weight.t()).float() / temperature
+            logits = (h @ weight.t()).to(acc) / temperature
             # d logp / d logits = onehot - softmax, times the upstream weight of each token.
             grad = logits.sub_(lses[start:end, None]).exp_().mul_(-g[:, None])
             grad.scatter_add_(1, targets[start:end, None], g[:, None])
@@ -274,7 +281,7 @@ def linear_logprobs(
     Positions whose target is ``ignore_index`` get 0 and no gradient.
 
     Returns:
-        (N,) fp32 log-probabilities.
+        (N,) fp32 log-probabilities (fp64 for fp64 inputs, so oracle comparisons can run in fp64).
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     _check(hidden, weight, targets, chunk_size)
