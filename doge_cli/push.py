@@ -10,8 +10,10 @@ and settings and its ``doge eval`` results when the folder is a run's ``final/``
 
 Everything goes through ``huggingface_hub`` (its endpoint, ``HF_ENDPOINT``, and token, ``HF_TOKEN`` or
 ``hf auth login``): the repo is created when missing (``--private`` for a private one), the branch when
-``--revision`` names a new one, then one commit uploads the folder. Offline (``HF_HUB_OFFLINE=1``), with
-no token, or when the hub refuses, the command ends with one line and nothing local changes.
+``--revision`` names a new one, then one commit uploads the folder. The model folder is checked first
+(offline or not, a folder that is not a model is reported before anything about the hub). Offline
+(``HF_HUB_OFFLINE=1``), with no token, or when the hub refuses, the command ends with one line and nothing
+local changes.
 """
 
 from __future__ import annotations
@@ -109,8 +111,10 @@ def preflight(repo_id: str, what: str = "--repo") -> str:
 def push(model_dir: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
          license: str = "apache-2.0", eval_paths: list[Path] = (), message: str | None = None) -> str:
     """Upload ``model_dir`` with its model card to ``repo_id``; returns the commit URL."""
-    token = preflight(repo_id, what="--repo")
+    # The local folder first: a wrong path or a folder that is not a model is the user's to fix whatever
+    # the network, and is found without it (offline, or with no token, it would otherwise go unreported).
     model_dir = check_model_dir(model_dir)
+    token = preflight(repo_id, what="--repo")
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 

@@ -248,7 +248,7 @@ class LoggingConfig(Section):
     """Micro-batches per evaluation."""
     tensorboard: bool = False
     """Also write TensorBoard event files under RUN/tensorboard (the same as tensorboard in report_to)."""
-    report_to: list[Literal["tensorboard", "wandb"]] = []
+    report_to: list[Literal["tensorboard", "wandb", "trackio"]] = []
     """Trackers besides metrics.jsonl: tensorboard (RUN/tensorboard), wandb (the doge-cli[track] extra; its
     project is logging.project, WANDB_MODE=offline logs under RUN/wandb). From the main process only; a
     --resume continues the same wandb run without repeating its steps."""

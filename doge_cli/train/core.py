@@ -129,9 +129,10 @@ def check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> bool
     return is_run and overwrite
 
 
-# What a run folder holds: doge's files, the trackers' folders (written by their libraries) and checkpoints.
+# What a run folder holds: doge's files, the trackers' folders (written by their libraries) and state, GRPO's
+# stored rollouts, and checkpoints.
 RUN_FILES = {RUN_MARKER, "config.yaml", "metrics.jsonl", "loss_curve.png", "final", "checkpoints", "tensorboard",
-             "wandb"}
+             "wandb", "wandb_run.json", "trackio_run.json", "rollouts"}
 
 
 def foreign_run_files(run_dir: Path) -> list[str]:
@@ -426,10 +427,11 @@ class Loop:
         cfg, acc = self.config, self.acc
         total = self.total_steps()
         names = trackers.wanted(cfg.logging)
-        wandb = {"project": cfg.logging.project, "config": json.loads(cfg.model_dump_json())} \
-            if "wandb" in names else None
+        settings = {"project": cfg.logging.project, "config": json.loads(cfg.model_dump_json())}
         self.logger = MetricsLogger(self.run_dir, enabled=acc.is_main_process, tensorboard="tensorboard" in names,
-                                    total_steps=total, resume_step=self.start_step, wandb=wandb)
+                                    total_steps=total, resume_step=self.start_step,
+                                    wandb=settings if "wandb" in names else None,
+                                    trackio=settings if "trackio" in names else None)
         self.logger.message(
             f"{cfg.stage}: {total} optimizer steps x {cfg.train.global_batch_size} sequences "
             f"(micro batch {self.micro} x accumulation {self.accum} x {self.world} process"

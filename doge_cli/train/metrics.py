@@ -1,4 +1,4 @@
-"""Metrics: metrics.jsonl always, a console line (rich on a terminal), TensorBoard and wandb on request,
+"""Metrics: metrics.jsonl always, a console line (rich on a terminal), TensorBoard, wandb and trackio on request,
 and a loss-curve PNG at the end of a run. Only the main process writes."""
 
 from __future__ import annotations
@@ -63,13 +63,14 @@ def peak_memory_gb(device_type: str) -> float:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int, resume_step: int = 0,
-                 wandb: dict[str, Any] | None = None):
+                 wandb: dict[str, Any] | None = None, trackio: dict[str, Any] | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
         self.path = self.run_dir / "metrics.jsonl"
         self._tb = None
         self._wandb = None
+        self._trackio = None
         self._progress = None
         self._task = None
         if not enabled:
@@ -91,6 +92,10 @@ class MetricsLogger:
             from doge_cli.train.trackers import WandbTracker
 
             self._wandb = WandbTracker(self.run_dir, resume_step=resume_step, **wandb)
+        if trackio is not None:
+            from doge_cli.train.trackers import TrackioTracker
+
+            self._trackio = TrackioTracker(self.run_dir, resume_step=resume_step, **trackio)
         if sys.stdout.isatty() and os.environ.get("DOGE_PLAIN_LOGS") != "1":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -120,6 +125,8 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, record["step"])
         if self._wandb is not None:
             self._wandb.log(record)
+        if self._trackio is not None:
+            self._trackio.log(record)
         line = format_line(record)
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], line=line)
@@ -142,6 +149,9 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.close()
             self._wandb = None
+        if self._trackio is not None:
+            self._trackio.close()
+            self._trackio = None
 
 
 def format_line(record: dict[str, Any]) -> str:

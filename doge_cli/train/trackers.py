@@ -1,8 +1,10 @@
-"""Experiment trackers besides metrics.jsonl: TensorBoard and Weights & Biases (``logging.report_to``).
+"""Experiment trackers besides metrics.jsonl: TensorBoard, Weights & Biases and trackio (``logging.report_to``).
 
-Only the main process logs. wandb is an optional extra (``pip install 'doge-cli[track]'``); asking for it
-without the package, or for online logging without a login, is a one-line error before training starts
-(:func:`check`). The wandb run's id is kept in ``RUN/wandb_run.json`` with the last step sent, so a
+Only the main process logs. wandb and trackio are an optional extra (``pip install 'doge-cli[track]'``);
+asking for one without its package, or for online wandb logging without a login, is a one-line error
+before training starts (:func:`check`). trackio logs to its local store (``TRACKIO_DIR``, by default
+``~/.cache/huggingface/trackio``; ``trackio show`` opens its dashboard), in ``logging.project``, as the run
+``<run folder name>-<id>``; its id and last step are kept in ``RUN/trackio_run.json`` as wandb's are. The wandb run's id is kept in ``RUN/wandb_run.json`` with the last step sent, so a
 ``--resume`` continues the same run and never sends a step twice (the steps retrained after the
 checkpoint are the same steps with the same values, since resume is exact, and wandb already has them).
 Online, the run goes to ``logging.project``; with ``WANDB_MODE=offline`` it is written under
@@ -40,6 +42,12 @@ def check(logging_config) -> None:
         except ImportError:
             raise DogeError("logging.report_to has tensorboard, which is not installed; install it with: "
                             "pip install tensorboard") from None
+    if "trackio" in names:
+        try:
+            import trackio  # noqa: F401
+        except ImportError:
+            raise DogeError("logging.report_to has trackio, which is not installed; install it with: "
+                            "pip install 'doge-cli[track]'") from None
     if "wandb" in names:
         try:
             import wandb  # noqa: F401
@@ -77,6 +85,41 @@ class WandbTracker:
 
     def _save(self) -> None:
         write_text_atomic(self.state_path, json.dumps({"id": self.run.id, "last_step": self.last_step}))
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
+        if step <= self.last_step:  # sent before the run was interrupted and resumed
+            return
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                  and not isinstance(v, bool)}
+        self.run.log(values, step=step)
+        self.last_step = step
+        self._save()
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+TRACKIO_STATE = "trackio_run.json"
+
+
+class TrackioTracker:
+    """trackio's local run: the same steps and values as metrics.jsonl, the resolved config, continued on
+    ``--resume`` without sending a step twice (as :class:`WandbTracker`)."""
+
+    def __init__(self, run_dir: Path, *, project: str, config: dict[str, Any], resume_step: int):
+        import trackio
+
+        self.state_path = Path(run_dir) / TRACKIO_STATE
+        state = json.loads(self.state_path.read_text()) if resume_step and self.state_path.is_file() else {}
+        self.name = state.get("name") or f"{Path(run_dir).name}-{uuid.uuid4().hex[:8]}"
+        self.last_step = int(state.get("last_step", 0))
+        self.run = trackio.init(project=project, name=self.name, config=config, resume="allow" if state else "never",
+                                auto_log_gpu=False, auto_log_cpu=False, embed=False)
+        self._save()
+
+    def _save(self) -> None:
+        write_text_atomic(self.state_path, json.dumps({"name": self.name, "last_step": self.last_step}))
 
     def log(self, record: dict[str, Any]) -> None:
         step = int(record["step"])
