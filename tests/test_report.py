@@ -183,3 +183,31 @@ def test_valid_json_of_the_wrong_shape_is_one_line_not_a_traceback(pipeline, cap
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert err.strip().startswith("doge: error: ") and len(err.strip().splitlines()) == 1, err
     assert not (root / "r.md").exists()
+
+
+def test_the_html_page_shows_markup_from_runs_and_evals_as_text(pipeline):
+    """Names and values come from files anyone can edit (a run's environment, an eval's model and tasks): on
+    the page they are text, never markup (parsed back: no element but the report's own)."""
+    from html.parser import HTMLParser
+
+    root, runs, evals = pipeline
+    for run in runs[:2]:  # the page shows the environment of the last run
+        marker = json.loads((run / "doge_run.json").read_text())
+        marker["environment"]["hardware"] = "<script>alert('hw')</script> & co"
+        (run / "doge_run.json").write_text(json.dumps(marker))
+    (evals / "odd.json").write_text(json.dumps({"model": "<img src=x onerror=alert(1)>", "tasks": {
+        "<b>task</b>": {"<i>metric</i>": 0.5}}}))
+    write_report(runs, root / "report.md", eval_paths=[evals], as_html=True)
+    page = (root / "report.html").read_text()
+    tags: list[str] = []
+
+    class Tags(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            tags.append(tag)
+
+    Tags().feed(page)
+    assert not {"script", "b", "i"} & set(tags) and tags.count("img") == 1  # only the loss-curve image
+    text = page.replace("&#x27;", "'")
+    for shown in ("&lt;script&gt;alert('hw')&lt;/script&gt; &amp; co", "&lt;b&gt;task&lt;/b&gt;",
+                  "&lt;i&gt;metric&lt;/i&gt;"):
+        assert shown in text, shown

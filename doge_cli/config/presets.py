@@ -224,7 +224,9 @@ def check_hardware(name: str, device: str) -> str | None:
         return None
     if not torch.cuda.is_available():
         found = "a torch build without CUDA" if not torch.backends.cuda.is_built() else "no usable CUDA GPU"
-        what = f"hardware preset {name} ({HARDWARE[name].description})" if name in HARDWARE else "runtime.device=cuda"
+        # A GPU preset asks for the GPU; with the cpu preset it is an explicit runtime.device=cuda.
+        gpu_preset = name in HARDWARE and HARDWARE[name].memory_gb is not None
+        what = f"hardware preset {name} ({HARDWARE[name].description})" if gpu_preset else "runtime.device=cuda"
         raise ValueError(f"{what} needs a CUDA GPU, but this machine has {found}; use --hardware cpu, or --hardware "
                          "auto to detect the machine")
     preset = HARDWARE.get(name)

@@ -262,3 +262,31 @@ def test_what_does_not_fit_the_context_is_said_and_counted(env, tmp_path):
     save_split(tmp_path / "merged" / "grpo", {"prompt": prompts[1:2], "answer": ["x"]})
     with pytest.raises(DogeError, match="every prompt is longer than"):
         run_stage_task("math-reward", lm, tok, datasets_dir=tmp_path, max_samples=None, batch_size=2, max_new_tokens=8)
+
+
+def test_math_reward_sampled_figures_come_from_sampling(tmp_path):
+    """A model that, after its thinking, answers "4" or "5" with equal probability: greedy answers the same
+    for every prompt (accuracy 0 or 1, no spread), sampled replies differ (accuracy strictly between, with a
+    standard error). A sampled pass that decoded greedily would fail here."""
+    from doge_cli.chat_format import THINKING_TOKENS
+    from doge_cli.model import save_pretrained
+    from tests.chat.toymodel import GAP, chain_of, forced_model, single_token
+
+    tok = make_chat_tokenizer(tmp_path / "tokenizer")
+    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    last = tok(header, add_special_tokens=False)["input_ids"][-1]
+    bt, et, bs, es = tok.convert_tokens_to_ids(list(THINKING_TOKENS))
+    four, five = single_token(tok, "4"), single_token(tok, "5")
+    model = forced_model(tok, chain_of([last, bt, single_token(tok, " the"), et, bs, four, es]))
+    with torch.no_grad():  # the fork: after the solution's start, "5" as likely as "4"; both then end it
+        scale = model.lm_head.weight[four, bs].clone()
+        model.lm_head.weight[five, bs] = scale
+        model.lm_head.weight[tok.eos_token_id, five] = 0.0
+        model.lm_head.weight[es, five] = GAP / model.config.hidden_size**0.5
+    lm, tok = load(save_pretrained(model, tmp_path / "fork", tokenizer=tok))
+    prompts = [[{"role": "user", "content": f"Question {i}: what is 2 + 2?"}] for i in range(8)]
+    save_split(tmp_path / "data" / "merged" / "grpo", {"prompt": prompts, "answer": ["4"] * 8})
+    got = run_stage_task("math-reward", lm, tok, datasets_dir=tmp_path / "data", max_samples=None, batch_size=4)
+    assert got["accuracy"] in (0.0, 1.0) and got["accuracy_stderr"] == 0.0  # greedy: one answer for all
+    assert got["format"] == got["format_sampled"] == 1.0  # every reply, sampled or not, is well formed
+    assert 0.0 < got["accuracy_sampled"] < 1.0 and got["accuracy_sampled_stderr"] > 0.0

@@ -79,3 +79,32 @@ def test_a_wrong_key_shows_the_servers_error(page, r1_served):
     page.press("#input", "Enter")
     page.wait_for_selector(".msg.error", timeout=60_000)
     assert "Incorrect API key" in page.inner_text(".msg.error .body")
+
+
+@pytest.fixture(scope="module")
+def markup_served(tmp_path_factory):
+    """A model whose every reply is the markup ``<b>hi`` (then end of turn)."""
+    from tests.chat.toymodel import chain_of, make_chat_tokenizer, save_forced_model, single_token
+
+    from .conftest import start_server, stop_server
+
+    root = tmp_path_factory.mktemp("serve-markup")
+    tok = make_chat_tokenizer(root / "tokenizer")
+    header = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True)
+    last = tok(header, add_special_tokens=False)["input_ids"][-1]
+    chain = chain_of([last, *(single_token(tok, c) for c in "<b>hi")])
+    server = start_server(save_forced_model(root / "model", tok, chain), root / "server.log", "--served-name", "m")
+    yield server
+    stop_server(server)
+
+
+def test_markup_in_a_reply_is_shown_as_text_not_rendered(page, markup_served):
+    page.goto(markup_served.url + "/")
+    page.fill("#input", "Say something bold.")
+    page.press("#input", "Enter")
+    page.wait_for_function("!document.querySelector('#send').disabled && "
+                           "document.querySelector('.msg.assistant .body')?.textContent", timeout=60_000)
+    body = page.locator(".msg.assistant .body")
+    assert body.text_content() == "<b>hi"
+    assert body.locator("b").count() == 0  # no element was made of the reply
+    assert page.locator(".msg.error").count() == 0
