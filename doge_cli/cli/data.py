@@ -96,7 +96,7 @@ def data_tokenize(
     identity: Annotated[str | None, typer.Option(
         "--identity", help="System turn added to rendered conversations, e.g. 'You are Doge, ...'.")] = None,
     num_proc: Annotated[int | None, typer.Option(
-        "--num-proc", help="Tokenizer threads (pt) or processes (chat stages); default: every core for pt.")] = None,
+        "--num-proc", help="Tokenizer threads (pt) or worker processes (chat stages); default: every core.")] = None,
     shard: Annotated[str | None, typer.Option(
         "--shard", help="pt only: tokenize part I of N of each source (I/N, 0 <= I < N), one per machine; "
                         "`doge data merge` then reads all N.")] = None,

@@ -418,7 +418,8 @@ def _mapped(fn: Callable[[dict], dict], num_proc: int | None):
 def tokenize_rows(src: Path, dest: Path, stage: str, tok, max_length: int, *, system: str | None, pack: bool,
                   num_proc: int | None, progress: bool) -> tuple[int, int]:
     """Tokenize the chat-stage source ``src`` into the (new, empty) folder ``dest``, streaming: a batch of
-    rows is read, encoded (in ``num_proc`` workers), packed (``pack``, SFT/R1) and written before the next
+    rows is read, encoded (in ``num_proc`` worker processes; by default one per core, except for a source of a
+    few batches, which a pool would only slow down), packed (``pack``, SFT/R1) and written before the next
     is read. Returns ``(rows, tokens)`` written."""
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -436,8 +437,10 @@ def tokenize_rows(src: Path, dest: Path, stage: str, tok, max_length: int, *, sy
             tokens += sum(len(ids) for ids in out[column])
         writer.write(pa.table(out, schema=writer.schema))
 
-    with _mapped(_encoder(stage, tok, max_length, system), num_proc) as run, \
-            tqdm(total=count_rows(src), unit="row", desc=f"{stage}/{src.name}", disable=not _show_bar(progress)) as bar:
+    total = count_rows(src)
+    workers = num_proc if num_proc is not None else (available_cores() if total > 4 * CHAT_BATCH_ROWS else 1)
+    with _mapped(_encoder(stage, tok, max_length, system), workers) as run, \
+            tqdm(total=total, unit="row", desc=f"{stage}/{src.name}", disable=not _show_bar(progress)) as bar:
 
         def batches():
             for table in iter_batches(src, CHAT_BATCH_ROWS):

@@ -40,9 +40,11 @@ def test_save_replaces_only_a_folder_doge_wrote(tmp_path):
 
     ours = ours_from(hf_twin(tiny_config()), "eager")
     save_pretrained(ours, tmp_path / "model")
-    (tmp_path / "model" / "stale.txt").write_text("old")
-    save_pretrained(ours, tmp_path / "model")  # an earlier doge save: replaced whole
-    assert not (tmp_path / "model" / "stale.txt").exists()
+    save_pretrained(ours, tmp_path / "model")  # an earlier doge save, holding only what doge wrote: replaced
+    (tmp_path / "model" / "README.md").write_text("my edited card")  # ... but not with a file of the user's in it
+    with pytest.raises(DogeError, match="holds README.md, which doge did not write there"):
+        save_pretrained(ours, tmp_path / "model")
+    assert (tmp_path / "model" / "README.md").read_text() == "my edited card"
     (tmp_path / "theirs").mkdir()
     (tmp_path / "theirs" / "notes.txt").write_text("keep")
     with pytest.raises(DogeError, match="did not write"):
