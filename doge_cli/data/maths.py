@@ -4,13 +4,21 @@ mathematics-dataset 1.0.1 imports ``base_solution_linear`` from ``sympy.solvers.
 which sympy 1.14 only exposes on the inner ``diophantine`` module; we re-export it before the
 first import. The generator draws from the global ``random`` and ``numpy.random`` states, so we
 seed them and put the caller's states back afterwards.
+
+The generator (and sympy under it) also iterates sets of strings, whose order follows Python's string
+hashing, which is salted per process: the same seed gave other problems in another process. Problems
+are therefore generated in a child interpreter with ``PYTHONHASHSEED=0`` (unless this one already runs
+with it), so a seed names the same problems in every run and on every machine.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import os
 import random
+import subprocess
 import sys
 from collections.abc import Iterator
 
@@ -58,11 +66,28 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 def generate_problems(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[dict]:
-    """``n`` distinct problems as ``{"question", "answer", "module"}``, the same for the same seed.
+    """``n`` distinct problems as ``{"question", "answer", "module"}``, the same for the same seed in every
+    process (see the module docstring).
 
     Modules are taken in turn so every kind is represented; questions in ``exclude`` (e.g. a
     held-out set) and repeats are skipped.
     """
+    if os.environ.get("PYTHONHASHSEED") == HASH_SEED:
+        return _generate(n, seed, exclude)
+    request = json.dumps({"n": n, "seed": seed, "exclude": sorted(exclude)})
+    code = ("import json, sys; from doge_cli.data.maths import _generate; r = json.loads(sys.stdin.read()); "
+            "print(json.dumps(_generate(r['n'], r['seed'], frozenset(r['exclude']))))")
+    done = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONHASHSEED": HASH_SEED})
+    if done.returncode != 0:
+        raise RuntimeError(f"generating the maths problems failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout)
+
+
+HASH_SEED = "0"
+
+
+def _generate(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[dict]:
     groups = _import_generator()
     # Easy third of the generator's entropy range: hard items are out of reach for tiny models.
     def easy(r):

@@ -86,3 +86,19 @@ def test_acc_norm_is_the_per_character_log_probability_choice():
     assert metric.sample_level_fn.compute(doc=doc, model_response=response) == 1
     response = ModelResponse(logprobs=[-3.0, -11.0], output_tokens=[[1], [2, 3, 4]])  # -11/21 = -0.524 < -0.5
     assert metric.sample_level_fn.compute(doc=doc, model_response=response) == 0
+
+
+def test_the_builtin_data_is_the_same_in_every_process():
+    """The maths generator iterates sets of strings (salted per process); the same seed once gave other
+    problems in another process, so two runs of the quickstart trained on different data. Two interpreters
+    with different string-hash salts must build the same rows."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from doge_cli.data.builtin import build_builtin_rows; "
+            "print(hashlib.sha1(json.dumps([build_builtin_rows(n, max_examples=40) for n in "
+            "('math-sft', 'math-dpo', 'math-grpo', 'chatterbot-dpo')], sort_keys=True).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": salt}).stdout.strip() for salt in ("1", "2")}
+    assert len(digests) == 1, digests
