@@ -2,7 +2,6 @@
 SFT / DPO / GRPO datasets from the builtin maths generator (no hub, no /tmp/qs)."""
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -10,17 +9,18 @@ MAX_LEN = 96
 
 
 def chat_tokenizer(path):
-    """The fixtures' chat tokenizer: a 400-token BPE with Doge's specials and template, trained by doge's
-    ``_new_bpe`` on the builtin maths conversations and kept in ``chat_tokenizer/``. It is stored rather than
-    trained per session because HF tokenizers' BPE training is not reproducible across processes: it breaks
-    count ties by token ids assigned in hash-map order (huggingface/tokenizers#1794, #2066), so two test
-    processes trained different tokenizers and a DPO accuracy bound held in one and not the other."""
-    import shutil
+    from transformers import PreTrainedTokenizerFast
 
-    from transformers import AutoTokenizer
+    from doge_cli.chat_format import R1_SYSTEM_PROMPT
+    from doge_cli.data.builtin import build_builtin_rows
+    from doge_cli.data.tokenizer import _finish, _new_bpe
 
-    shutil.copytree(Path(__file__).parent / "chat_tokenizer", path)
-    return AutoTokenizer.from_pretrained(path)
+    rows = build_builtin_rows("math-sft", max_examples=400)
+    texts = [m["content"] for r in rows for m in r["messages"]] + [R1_SYSTEM_PROMPT]
+    tok = PreTrainedTokenizerFast(tokenizer_object=_new_bpe(400, iter([texts])))
+    _finish(tok)
+    tok.save_pretrained(path)
+    return tok
 
 
 def start_model(path, tok, seed=0):
