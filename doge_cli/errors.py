@@ -17,3 +17,11 @@ class DogeError(Exception):
     def __init__(self, message: str):
         # Keep messages on one line whatever the caller passed.
         super().__init__(" ".join(str(message).split()))
+
+
+class PeerLost(DogeError):
+    """A distributed run lost one of its processes (killed, crashed, its machine gone) or waited longer than
+    ``runtime.dist_timeout`` for one that hung. Not the user's input: exit code 1; the message says how to
+    continue."""
+
+    exit_code = 1

@@ -96,7 +96,7 @@ def run(argv: list[str] | None = None) -> None:
         code = app(args=argv, prog_name="doge", standalone_mode=False)
     except DogeError as err:
         print(f"doge: error: {err}", file=sys.stderr)
-        sys.exit(DogeError.exit_code)
+        sys.exit(err.exit_code)
     except typer.TyperException as err:  # click's ClickException family (usage errors, bad values)
         message = " ".join(err.format_message().split())
         if message:  # empty for a group called without a command: its help was printed already

@@ -235,6 +235,11 @@ class RuntimeConfig(Section):
     """Recompute activations in the backward pass to save memory."""
     dataloader_workers: NonNegInt = 0
     """Background data-loader processes per training process."""
+    dist_timeout: PositiveInt = 1800
+    """Seconds a process of a distributed run waits for the others at any collective step (and at start-up)
+    before it gives up: a killed process is noticed at once, a hung one after this long, and the run then
+    stops on every machine (continue with --resume auto). Raise it when a checkpoint of a large model on
+    slow storage takes longer, since the other processes wait for it at a barrier."""
 
 
 class LoggingConfig(Section):

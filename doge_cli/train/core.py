@@ -70,19 +70,23 @@ class TrainResult:
 def train(config: StageConfig, objective: Objective, *, resume: str | None = None, overwrite: bool = False,
           stop_after: int | None = None) -> TrainResult:
     """Run ``objective`` under ``config``. ``stop_after`` ends early after that many optimizer
-    steps (tests use it to simulate an interruption); the schedule still spans the full run."""
+    steps (tests use it to simulate an interruption); the schedule still spans the full run.
+
+    In a distributed run (one machine or several) the processes take every start-up decision together
+    (:func:`doge_cli.train.collective.agree`): a check that fails on one process stops all of them with
+    one line naming it; the run folder is checked and chosen by the main process alone; every process
+    must run the same settings and, across machines, see the same run folder and inputs. A process lost
+    later (killed, crashed, hung past ``runtime.dist_timeout``) stops the others with one line
+    (:class:`~doge_cli.errors.PeerLost`, exit code 1)."""
+    from datetime import timedelta
+
     from accelerate import Accelerator, PartialState
 
-    run_dir = Path(config.output_dir)
+    from doge_cli.errors import PeerLost
     from doge_cli.io import check_apart
+    from doge_cli.train.collective import agree, check_same_run, peer_failure
 
-    check_apart(run_dir, {"start model (init_from)": getattr(config, "init_from", None), "dataset (data.path)":
-                          config.data.path, "tokenizer (data.tokenizer)": config.data.tokenizer}, "output_dir")
-    try:
-        hardware_note = presets.check_hardware(config.hardware, config.runtime.device)
-    except ValueError as err:
-        raise DogeError(str(err)) from None
-    replace = check_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    run_dir = Path(config.output_dir)
     device_cpu = config.runtime.device == "cpu" or (config.runtime.device == "auto" and not torch.cuda.is_available())
     state_kwargs: dict[str, Any] = {"cpu": device_cpu}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and device_cpu:
@@ -90,20 +94,59 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
         # name gloo so DeepSpeed's CPU accelerator gets a real process group.
         state_kwargs = {"cpu": False, "backend": "gloo"}
         device_cpu = False
-    state = PartialState(**state_kwargs)
-    if state.device.type == "cpu":
-        keep_large_allocations()  # reuse the step's large tensors instead of page-faulting them anew
-    accum = gradient_accumulation_steps(config, state.num_processes)
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.runtime.precision]
-    accelerator = Accelerator(mixed_precision=mixed, cpu=device_cpu, gradient_accumulation_steps=accum,
-                              step_scheduler_with_optimizer=False)
-    loop = Loop(config, objective, accelerator, run_dir, accum)
-    if hardware_note is not None:
-        loop.notes.append(hardware_note)
-    loop.setup()
-    loop.restore(resume)
-    loop.open_run_dir(replace=replace)
-    return loop.run(stop_after)
+    # The process group's timeout bounds every collective wait (gloo raises; NCCL's watchdog ends the process).
+    state = PartialState(**state_kwargs, timeout=timedelta(seconds=config.runtime.dist_timeout))
+    loop: Loop | None = None
+    try:
+        def checks():
+            check_apart(run_dir, {"start model (init_from)": getattr(config, "init_from", None),
+                                  "dataset (data.path)": config.data.path,
+                                  "tokenizer (data.tokenizer)": config.data.tokenizer}, "output_dir")
+            try:
+                return presets.check_hardware(config.hardware, config.runtime.device)
+            except ValueError as err:
+                raise DogeError(str(err)) from None
+
+        hardware_note = agree(state, checks)
+        replace = agree(state, lambda: check_run_dir(run_dir, resume=resume, overwrite=overwrite), main_only=True)
+        check_same_run(state, run_dir, {"data.path": config.data.path, "data.tokenizer": config.data.tokenizer,
+                                        "init_from": getattr(config, "init_from", None)},
+                       settings=to_yaml(config.model_copy(update={"output_dir": ""})) + f"{resume}|{overwrite}")
+        if state.device.type == "cpu":
+            keep_large_allocations()  # reuse the step's large tensors instead of page-faulting them anew
+        accum = gradient_accumulation_steps(config, state.num_processes)
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.runtime.precision]
+        accelerator = Accelerator(mixed_precision=mixed, cpu=device_cpu, gradient_accumulation_steps=accum,
+                                  step_scheduler_with_optimizer=False)
+        loop = Loop(config, objective, accelerator, run_dir, accum)
+        if hardware_note is not None:
+            loop.notes.append(hardware_note)
+        agree(state, loop.load)
+        loop.prepare()
+        loop.restore(resume)
+        loop.open_run_dir(replace=replace)
+        return loop.run(stop_after)
+    except DogeError:
+        _leave_process_group(state)  # agreed by every process: leave the group in order, not in its destructor
+        raise
+    except RuntimeError as err:
+        reason = peer_failure(err) if state.num_processes > 1 else None
+        if reason is None:
+            raise
+        _leave_process_group(state)
+        at = f" at step {loop.current_step}" if loop is not None and loop.current_step else " before training started"
+        raise PeerLost(f"this run lost one of its {state.num_processes} processes{at} ({reason}): a process or its "
+                       "machine stopped, or hung past runtime.dist_timeout; each machine's own log says which. "
+                       "Continue with --resume auto on every machine") from None
+
+
+def _leave_process_group(state) -> None:
+    """Destroy the process group before a distributed run ends with an error: left to the interpreter's exit,
+    gloo's destructor can abort the process (SIGABRT) when a peer has gone first, losing the exit code."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check_run_dir(run_dir: Path, *, resume: str | None, overwrite: bool) -> bool:
@@ -263,6 +306,7 @@ class Loop:
         self.peak: float | None = None
         self.resume_from: Path | None = None
         self.start_step = 0
+        self.current_step = 0  # the optimizer step being taken (for messages)
         self.last_loss: float | None = None
         self.eval_loss: float | None = None
         self.window = self._new_window()
@@ -279,9 +323,14 @@ class Loop:
 
     # -- phases -------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Data, tokenizer, model, optimizer, distribution wrappers and reference models; writes nothing."""
+        """:meth:`load`, then :meth:`prepare` (one process; :func:`train` takes the two apart)."""
+        self.load()
+        self.prepare()
+
+    def load(self) -> None:
+        """Data, tokenizer, model and optimizer on this process; writes nothing and talks to no other process,
+        so a failure here is shared before the distribution wrappers start collective work."""
         from doge_cli.model.attention import check_backend_runs, resolve_backend
-        from doge_cli.train.objectives.lm import unwrap
 
         cfg, acc = self.config, self.acc
         torch.manual_seed(cfg.train.seed)
@@ -299,30 +348,56 @@ class Loop:
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
+        self._loaded = model, torch.optim.AdamW(
             _decay_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
             eps=cfg.optim.eps, fused=fused,
         )
         self._configure_deepspeed()
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+
+    def prepare(self) -> None:
+        """The distribution wrappers (DDP/DeepSpeed/FSDP) and the objective's reference models."""
+        from doge_cli.train.objectives.lm import unwrap
+
+        model, optimizer = self._loaded
+        del self._loaded
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
         # Checkpoints and the export read self.model, so a compile wrapper never renames their weights.
-        self.train_model = torch.compile(self.model) if cfg.runtime.compile else self.model
-        self.obj.after_prepare(self.model, acc)
+        self.train_model = torch.compile(self.model) if self.config.runtime.compile else self.model
+        self.obj.after_prepare(self.model, self.acc)
         self.module = unwrap(self.model)
 
     def restore(self, resume: str | None) -> None:
-        """Load the checkpoint to continue from (``--resume``), falling back past broken ones for ``auto``."""
+        """Load the checkpoint to continue from (``--resume``), falling back past broken ones for ``auto``.
+        The main process chooses it; every process then reads it (and all stop if one cannot)."""
+        from doge_cli.train.collective import agree
+
         if not resume:
             return
-        found = ckpt.pick_resume(self.run_dir, resume, log=self.say)
-        if found is None:
+        state, chosen = self.acc.state, {}
+
+        def choose() -> str | None:
+            found = ckpt.pick_resume(self.run_dir, resume, log=self.say)
+            if found is None:
+                return None
+            chosen["pieces"] = found[1]
+            return str(found[0])
+
+        where = agree(state, choose, main_only=True)
+        if where is None:
             self.say(f"no checkpoint in {self.run_dir}; starting from scratch")
             return
-        path, pieces = found
-        _check_resume_config(path, pieces["config_yaml"], self.config)
+        path = Path(where)
+
+        def read() -> dict[str, Any]:
+            pieces = chosen.get("pieces") or ckpt.read_pieces(path)
+            _check_resume_config(path, pieces["config_yaml"], self.config)
+            return pieces
+
+        pieces = agree(state, read)
         window = ckpt.load(self.acc, path, pieces, model=self.model, optimizer=self.optimizer)
         state = pieces["state"]
         self.resume_from, self.start_step = path, int(state["step"])
+        self.current_step = self.start_step
         self.last_loss, self.eval_loss = state.get("last_loss"), state.get("eval_loss")
         self.window = self._window_from(window)
 
@@ -450,6 +525,7 @@ class Loop:
         self.window["t0"] = time.perf_counter()
         try:
             for batches in self._step_batches(step, end):
+                self.current_step = step + 1
                 self.train_step(step, total, batches)
                 step += 1
                 self.after_step(step, total, end)
