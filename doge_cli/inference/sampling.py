@@ -18,6 +18,9 @@ import torch
 
 from doge_cli.errors import DogeError
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MIN_TEMPERATURE = 1e-4  # below this, logits / temperature overflow to inf (NaN probabilities) long before 1e-45
+
 
 @dataclass
 class SamplingParams:
@@ -37,8 +40,11 @@ class SamplingParams:
                 raise DogeError(f"{name} must be a finite number")
         if self.max_new_tokens < 1:
             raise DogeError("max_new_tokens must be at least 1")
-        if self.temperature <= 0:
-            raise DogeError("temperature must be > 0 (use greedy=true for deterministic replies)")
+        if self.temperature < MIN_TEMPERATURE:
+            raise DogeError(f"temperature must be at least {MIN_TEMPERATURE:g} (use greedy=true for deterministic "
+                            "replies)")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise DogeError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
         if not 0 < self.top_p <= 1:
             raise DogeError("top_p must be in (0, 1]")
         if self.top_k < 0:

@@ -55,6 +55,15 @@ class ChatMessage(_Strict):
             raise ValueError(f"unknown role {role!r}; a message's role is one of {', '.join(ROLES)}")
         return role
 
+    @field_validator("name")
+    @classmethod
+    def _no_name(cls, name: str | None) -> str | None:
+        # Doge's chat template has no place for a speaker's name: refused rather than silently dropped.
+        if name is not None:
+            raise ValueError("a message's name is not supported by doge serve (the chat template has no place for "
+                             "it); leave it out")
+        return name
+
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
@@ -89,6 +98,15 @@ class _Generation(_Strict):
     def _temperature(cls, value: float | None) -> float | None:
         if value is not None and not (math.isfinite(value) and 0 <= value <= 2):
             raise ValueError("temperature must be between 0 and 2 (0: always the likeliest token)")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int | None) -> int | None:
+        from doge_cli.inference.sampling import SEED_RANGE
+
+        if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
         return value
 
     @field_validator("top_p")

@@ -735,8 +735,10 @@ CASES = [
      lambda w, t: ["chat", "SmallDoge/Doge-20M-Instruct", "--prompt", "hi"]),
     ("chat-max-new-tokens-zero", "max_new_tokens must be at least 1",
      lambda w, t: ["chat", str(w.model), "--prompt", "hi", "--max-new-tokens", "0"]),
-    ("chat-temperature-zero", "temperature must be > 0",
+    ("chat-temperature-zero", "temperature must be at least 0.0001",
      lambda w, t: ["chat", str(w.model), "--prompt", "hi", "--temperature", "0"]),
+    ("chat-seed-out-of-range", "seed must be an integer from",  # once a traceback from torch's manual_seed
+     lambda w, t: ["chat", str(w.model), "--prompt", "hi", "--greedy", "--seed", str(2**64)]),
     ("chat-temperature-nan", "temperature must be a finite number",
      lambda w, t: ["chat", str(w.model), "--prompt", "hi", "--temperature", "nan"]),
     ("chat-top-p-above-one", "top_p must be in (0, 1]",

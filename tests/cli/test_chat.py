@@ -103,7 +103,7 @@ def test_piped_stdin_is_the_prompt(model_dir, capsys, monkeypatch):
     ("not_doge", "not a Doge"),
     ("no_tokenizer", "no tokenizer"),
     ("no_template", "no chat template"),
-    ("bad_flag", "temperature must be > 0"),
+    ("bad_flag", "temperature must be at least"),
 ])
 def test_errors_are_one_line_with_exit_2(model_dir, tmp_path, capsys, case, message):
     target = tmp_path / case

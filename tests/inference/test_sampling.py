@@ -51,7 +51,10 @@ def test_a_row_sampler_is_reproducible_and_reports_the_temperature_logprob():
     assert greedy[0] == int(logits.argmax())
 
 
-@pytest.mark.parametrize("field, value, message", [("temperature", "0", "temperature must be > 0"),
+@pytest.mark.parametrize("field, value, message", [("temperature", "0", "temperature must be at least"),
+                                                   ("temperature", "1e-45", "temperature must be at least 0.0001"),
+                                                   ("seed", str(2**64), "seed must be an integer from"),
+                                                   ("seed", str(-(2**63) - 1), "seed must be an integer from"),
                                                    ("top_p", "1.5", "top_p"), ("top_k", "-1", "top_k"),
                                                    ("max_new_tokens", "0", "max_new_tokens"),
                                                    ("temperature", "nan", "finite"), ("nope", "1", "unknown parameter")])
@@ -122,3 +125,10 @@ def test_a_nucleus_row_does_not_depend_on_its_neighbours():
     solo = [RowSampler(p, 300, [1], "cpu") for p in params]
     alone = [[solo[i].choose(logits[i], False)[0] for i in range(5)] for _ in range(20)]
     assert together == alone
+
+
+def test_the_extreme_seeds_torch_takes_are_accepted():
+    for seed in (2**64 - 1, -(2**63), 0):
+        params = SamplingParams(seed=seed)
+        params.validate()
+        RowSampler(params, 50, [1], "cpu")  # seeds its generator: no overflow

@@ -57,6 +57,12 @@ def test_models_lists_the_served_name(served):
     assert httpx.get(served.url + "/health").json() == {"status": "ok"}
 
 
+def test_a_vanishing_temperature_is_greedy_not_nan(served, local):
+    """temperature 1e-45 once overflowed the logits to NaN and picked the last token id."""
+    reply = client(served).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=1e-45)
+    assert reply.choices[0].message.content == own_chat_reply(local, MESSAGES, 12)
+
+
 def test_greedy_chat_equals_doges_own_generation(served, local):
     reply = client(served).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=20, temperature=0)
     assert reply.object == "chat.completion"

@@ -42,6 +42,9 @@ def test_max_completion_tokens_is_max_tokens():
     ({"temperature": -0.1}, "between 0 and 2"),
     ({"temperature": float("nan")}, "between 0 and 2"),
     ({"top_p": 1.5}, "between 0 and 1"),
+    ({"seed": 2**64}, "seed must be an integer from"),  # once a 500, and every running stream failed with it
+    ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "name is not supported"),  # once dropped
+    ({"seed": -(2**63) - 1}, "seed must be an integer from"),
     ({"n": 3}, "n must be 1"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "at most 4"),
     ({"stop": [""]}, "must not be empty"),
