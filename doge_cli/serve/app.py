@@ -16,7 +16,9 @@
   the reply). ``finish_reason`` is ``stop`` (a stop token or string) or ``length``.
 - Errors are OpenAI's shape with its statuses: 400 bad request, 401 bad key, 404 unknown model or
   path, 413 body over ``max_body`` bytes, 500 a failure of the server itself.
-- One log line per request (method, path, status, generated tokens, seconds), never the prompt.
+- One log line per request (method, path, status, generated tokens, seconds), never the prompt; the path
+  and method are escaped, so a client cannot start a line of its own. A 500 answers with an error id that the
+  log line holding the details carries, never the exception's text.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import asyncio
 import hmac
 import json
 import logging
+import secrets
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -86,8 +89,10 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, err: Exception):
-        logger.exception("request failed")
-        body = APIError(500, f"the server failed: {type(err).__name__}: {err}", type="server_error").body()
+        error_id = secrets.token_hex(4)
+        logger.exception("request failed [error %s]", error_id)
+        body = APIError(500, f"the server failed (error {error_id}; the server's log has the details)",
+                        type="server_error").body()
         return JSONResponse(body, status_code=500)
 
     @app.get("/health")
@@ -414,8 +419,16 @@ class _AccessLog:
             await self.app(scope, receive, sending)
         finally:
             note = f" ({info['note']})" if info.get("note") else ""
-            logger.info("%s %s %s %d tokens %.2fs%s", scope["method"], scope["path"], info["status"] or "-",
-                        info["tokens"], time.perf_counter() - started, note)
+            # The path is the client's text, decoded: shown escaped, so a %0A in it cannot start a forged line.
+            logger.info("%s %s %s %d tokens %.2fs%s", _printable(scope["method"]), _printable(scope["path"]),
+                        info["status"] or "-", info["tokens"], time.perf_counter() - started, _printable(note))
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """``text`` for one log line: control and other unprintable characters as escapes, cut at ``limit``."""
+    out = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                  for c in text[:limit])
+    return out + ("..." if len(text) > limit else "")
 
 
 class _KeyCheck:

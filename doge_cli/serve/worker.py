@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -100,6 +101,11 @@ class EngineWorker:
                 except queue.Empty:
                     break
             if None in waiting:
+                # Requests that arrived with the stop go back to the inbox, where close() ends them with its
+                # message (dropped here, their clients waited until the connection timed out).
+                for ticket in waiting:
+                    if ticket is not None:
+                        self.inbox.put(ticket)
                 return
             for ticket in waiting:
                 try:
@@ -110,9 +116,11 @@ class EngineWorker:
                 self.tickets[id(ticket.request)] = ticket
             try:
                 finished = self.engine.step()
-            except Exception as err:  # a bug must not take the server down: fail what was running, go on
-                logger.exception("generation step failed")
-                self._fail_running(f"generation failed: {type(err).__name__}: {err}")
+            except Exception:  # a bug must not take the server down: fail what was running, go on
+                # Clients get an error id, the log gets the details (never the internals in a response).
+                error_id = secrets.token_hex(4)
+                logger.exception("generation step failed [error %s]", error_id)
+                self._fail_running(f"generation failed (error {error_id}; the server's log has the details)")
                 self.engine = self.make_engine()
                 continue
             for request in finished:

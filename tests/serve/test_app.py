@@ -326,3 +326,16 @@ def test_replies_split_the_same_whole_or_streamed(text, thinking, answer):
         split = _ReplySplitter()
         streamed = [p for i in range(0, len(text), size) for p in split.feed(text[i:i + size])] + split.flush()
         assert joined(streamed, "reasoning_content") == thinking and joined(streamed, "content") == answer
+
+
+def test_the_access_log_cannot_be_given_forged_lines(served):
+    """GET /v1/x%0AFORGED... once wrote a log line beginning FORGED."""
+    import httpx
+
+    from .conftest import log_mark, wait_for_line
+
+    after = log_mark(served)
+    httpx.get(served.url + "/v1/x%0AFORGED%20GET%20/v1/models%20200%1b[31m", timeout=30)
+    line = wait_for_line(served, after, "FORGED")
+    assert "/v1/x\\nFORGED GET /v1/models 200\\x1b[31m" in line, line
+    assert not any(ln.startswith("FORGED") for ln in served.log_lines())
