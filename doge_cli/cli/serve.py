@@ -24,6 +24,9 @@ def serve(
         "--api-key", envvar="DOGE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (also read from "
         "DOGE_API_KEY).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Requests generated at once; more are queued.")] = 8,
+    max_queue: Annotated[int, typer.Option(
+        "--max-queue", help="Requests that may wait beyond --max-batch; more are answered 429 with Retry-After.")]
+    = 64,
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", help="Longest reply a request may ask for (max_tokens).")] = 1024,
     no_ui: Annotated[bool, typer.Option("--no-ui", help="Serve the API only, no chat page at /.")] = False,
@@ -41,6 +44,8 @@ def serve(
                         "pip install 'doge-cli[serve]'") from err
     if max_batch < 1:
         raise DogeError("--max-batch must be at least 1")
+    if max_queue < 0:
+        raise DogeError("--max-queue must be 0 or more")
     if max_new_tokens < 1:
         raise DogeError("--max-new-tokens must be at least 1")
     if not 0 <= port <= 65535:
@@ -68,7 +73,7 @@ def serve(
               "refuse messages; /v1/completions works", file=sys.stderr)
     worker = EngineWorker(lambda: Engine(lm, tok, max_batch=max_batch))
     app = create_app(lm, tok, served_name=served_name or model, api_key=api_key, max_batch=max_batch,
-                     max_new_tokens=max_new_tokens, ui=not no_ui, worker=worker)
+                     max_new_tokens=max_new_tokens, ui=not no_ui, worker=worker, max_queue=max_queue)
 
     # asyncio warns "socket.send() raised exception." when a response is still being written to a client
     # that has gone away; the request's own log line already says so ("cancelled: the client went away").

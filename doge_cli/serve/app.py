@@ -15,7 +15,8 @@
 - ``usage`` counts prompt tokens and generated tokens (the end-of-turn token included when one ended
   the reply). ``finish_reason`` is ``stop`` (a stop token or string) or ``length``.
 - Errors are OpenAI's shape with its statuses: 400 bad request, 401 bad key, 404 unknown model or
-  path, 413 body over ``max_body`` bytes, 500 a failure of the server itself.
+  path, 413 body over ``max_body`` bytes, 429 (with ``Retry-After``) when ``max_batch + max_queue``
+  requests are already being generated or waiting, 500 a failure of the server itself.
 - One log line per request (method, path, status, generated tokens, seconds), never the prompt; the path
   and method are escaped, so a client cannot start a line of its own. A 500 answers with an error id that the
   log line holding the details carries, never the exception's text.
@@ -42,11 +43,14 @@ from doge_cli.serve.protocol import APIError, ChatCompletionRequest, CompletionR
 
 logger = logging.getLogger("doge.serve")
 MAX_BODY = 1 << 20  # bytes; a request body larger than this is refused with 413
+MAX_QUEUE = 64  # requests waiting beyond the --max-batch being generated; more are answered 429
+RETRY_AFTER_S = 2  # the Retry-After of a 429
 COMPLETION_DEFAULT_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
 def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None, max_batch: int = 8,
-               max_new_tokens: int = 1024, ui: bool = True, max_body: int = MAX_BODY, worker=None):
+               max_new_tokens: int = 1024, ui: bool = True, max_body: int = MAX_BODY, worker=None,
+               max_queue: int = MAX_QUEUE):
     """The ASGI app serving ``model`` (and its ``tokenizer``) as ``served_name``.
 
     ``worker`` is an :class:`~doge_cli.serve.worker.EngineWorker` whose loop the caller runs (``doge serve``
@@ -57,7 +61,7 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
     from doge_cli.serve.worker import EngineWorker
 
     service = _Service(model, tokenizer, served_name=served_name, max_new_tokens=max_new_tokens,
-                       stop_token_ids=stop_ids(model.config, tokenizer))
+                       stop_token_ids=stop_ids(model.config, tokenizer), capacity=max_batch + max_queue)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -75,7 +79,7 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
@@ -117,10 +121,12 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        service.admit(request)
         return await respond(service.chat_job(body), request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        service.admit(request)
         return await respond(service.completion_job(body), request)
 
     if ui:
@@ -131,7 +137,7 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
             return HTMLResponse(page)
 
     # Outermost first: the access log sees every answer, the key is checked before the body is read.
-    return _AccessLog(_KeyCheck(_BodyLimit(app, max_body), api_key))
+    return _AccessLog(_KeyCheck(_BodyLimit(app, max_body), api_key), release=service.release)
 
 
 class _Job:
@@ -152,8 +158,11 @@ class _Job:
 
 
 class _Service:
-    def __init__(self, model, tokenizer, *, served_name: str, max_new_tokens: int, stop_token_ids: list[int]):
+    def __init__(self, model, tokenizer, *, served_name: str, max_new_tokens: int, stop_token_ids: list[int],
+                 capacity: int = 8 + MAX_QUEUE):
         self.model, self.tokenizer = model, tokenizer
+        self.capacity = capacity  # requests being generated or queued at once (--max-batch + --max-queue)
+        self.admitted = 0
         self.served_name = served_name
         self.max_new_tokens = max_new_tokens
         self.stop_token_ids = stop_token_ids
@@ -169,6 +178,19 @@ class _Service:
         if name != self.served_name:
             raise APIError(404, f"the model {name!r} does not exist here; this server serves {self.served_name!r}",
                            param="model", code="model_not_found")
+
+    def admit(self, http_request) -> None:
+        """Take a place for this request, or answer 429 (with Retry-After) when every place is taken; the
+        access log gives the place back when the answer ends, however it ends."""
+        if self.admitted >= self.capacity:
+            raise APIError(429, f"the server is busy: {self.admitted} requests are being generated or queued, its "
+                           "limit (doge serve --max-batch + --max-queue); retry shortly", type="rate_limit_error",
+                           code="server_busy", headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.admitted += 1
+        http_request.scope["doge"]["admitted"] = True
+
+    def release(self) -> None:
+        self.admitted -= 1
 
     def chat_job(self, body: ChatCompletionRequest) -> _Job:
         from doge_cli.chat_format import prompt_ids
@@ -401,8 +423,9 @@ async def _send_error(send, err: APIError) -> None:
 class _AccessLog:
     """One line per HTTP request: method, path, status, generated tokens, seconds (no prompt text)."""
 
-    def __init__(self, app):
+    def __init__(self, app, release=None):
         self.app = app
+        self.release = release  # gives back a request's place in the queue once its answer has ended
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -418,6 +441,8 @@ class _AccessLog:
         try:
             await self.app(scope, receive, sending)
         finally:
+            if info.get("admitted") and self.release is not None:
+                self.release()
             note = f" ({info['note']})" if info.get("note") else ""
             # The path is the client's text, decoded: shown escaped, so a %0A in it cannot start a forged line.
             logger.info("%s %s %s %d tokens %.2fs%s", _printable(scope["method"]), _printable(scope["path"]),
