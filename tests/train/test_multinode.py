@@ -145,6 +145,12 @@ def test_a_lost_process_stops_the_other_machine_in_bounded_time(pt_data, tmp_pat
         code, out, err = finish(procs[:1], timeout=timeout + 60)[0]
         took = time.time() - lost
     finally:
+        # torchrun starts its workers in sessions of their own: the stopped one is killed by its pid
+        for pid in (victim,) if "victim" in locals() else ():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         os.killpg(procs[1].pid, signal.SIGKILL)
         procs[1].wait()
     assert code == 1, err[-3000:]  # PeerLost's code, passed on by the launcher
