@@ -19,7 +19,8 @@ def serve(
     = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")] = 8000,
     served_name: Annotated[str | None, typer.Option(
-        "--served-name", help="The model's name in the API (default: MODEL as given).")] = None,
+        "--served-name", help="The model's name in the API (default: the model folder's name, or the hub id); "
+        "it is public, as is the chat page's.")] = None,
     api_key: Annotated[str | None, typer.Option(
         "--api-key", envvar="DOGE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 (also read from "
         "DOGE_API_KEY).")] = None,
@@ -72,7 +73,12 @@ def serve(
         print("doge serve: this tokenizer has no chat template, so /v1/chat/completions and the chat page will "
               "refuse messages; /v1/completions works", file=sys.stderr)
     worker = EngineWorker(lambda: Engine(lm, tok, max_batch=max_batch))
-    app = create_app(lm, tok, served_name=served_name or model, api_key=api_key, max_batch=max_batch,
+    if served_name is None:  # a folder's own name, never the path (a home folder, a user name) it was given as
+        from pathlib import Path
+
+        folder = Path(model).expanduser()
+        served_name = folder.resolve().name if folder.is_dir() else model
+    app = create_app(lm, tok, served_name=served_name, api_key=api_key, max_batch=max_batch,
                      max_new_tokens=max_new_tokens, ui=not no_ui, worker=worker, max_queue=max_queue)
 
     # asyncio warns "socket.send() raised exception." when a response is still being written to a client
@@ -88,7 +94,7 @@ def serve(
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     _run(server, sock, worker, announce=lambda: print(
-        f"doge serve: {served_name or model} at http://{shown}:{bound_port}{'/' if not no_ui else '/v1'} "
+        f"doge serve: {served_name} at http://{shown}:{bound_port}{'/' if not no_ui else '/v1'} "
         "(Ctrl+C stops)", flush=True))
 
 

@@ -57,7 +57,7 @@ def save_random_model(root: Path) -> Path:
 def start_server(model_dir: Path, log: Path, *args: str) -> Server:
     """``doge serve MODEL --port 0 ...`` in a subprocess; returns once it printed its URL."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    name = args[args.index("--served-name") + 1] if "--served-name" in args else str(model_dir)
+    name = args[args.index("--served-name") + 1] if "--served-name" in args else Path(model_dir).resolve().name
     with open(log, "w") as err:
         process = subprocess.Popen([sys.executable, "-m", "doge_cli", "serve", str(model_dir), "--port", "0", *args],
                                    stdout=subprocess.PIPE, stderr=err, text=True, env=env)

@@ -75,3 +75,18 @@ def test_a_signal_before_the_http_thread_starts_still_exits_cleanly():
     with socket.socket() as sock:
         _run(server, sock, worker, announce)
     assert worker.closed == "the server is shutting down" and server.should_exit
+
+
+def test_the_default_served_name_is_the_folders_not_its_path(tmp_path):
+    """The name is public (/v1/models, the page): it was the path as typed, e.g. a home folder."""
+    import httpx
+
+    model = save_random_model(tmp_path / "home" / "ann" / "secret-project")
+    server = start_server(model, tmp_path / "server.log")
+    try:
+        ids = [m["id"] for m in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]]
+        page = httpx.get(server.url + "/", timeout=30).text
+    finally:
+        stop_server(server)
+    assert ids == [model.resolve().name] and "ann" not in ids[0]
+    assert str(tmp_path) not in page
