@@ -20,7 +20,7 @@ module owns what makes runs correct and repeatable:
 - **No host/device synchronisation per step** except on logging steps (loss, grad norm and
   finiteness are kept as device tensors until then).
 
-Reading order: :func:`train` → :meth:`Loop.setup` → :meth:`Loop.restore` → :meth:`Loop.open_run_dir`
+Reading order: :func:`train` → :meth:`Loop.load` → :meth:`Loop.prepare` → :meth:`Loop.restore` → :meth:`Loop.open_run_dir`
 → :meth:`Loop.run` (:meth:`Loop.train_step`, :meth:`Loop.after_step`) → :meth:`Loop.finish`.
 """
 
@@ -287,7 +287,7 @@ class StepBatches(torch.utils.data.Dataset):
 
 
 class Loop:
-    """One run: :meth:`setup`, :meth:`restore`, :meth:`open_run_dir`, then :meth:`run`."""
+    """One run: :meth:`load`, :meth:`prepare`, :meth:`restore`, :meth:`open_run_dir`, then :meth:`run`."""
 
     def __init__(self, config: StageConfig, objective: Objective, accelerator, run_dir: Path, accum: int):
         self.config = config
@@ -322,11 +322,6 @@ class Loop:
             print(text, flush=True)
 
     # -- phases -------------------------------------------------------------------------------
-    def setup(self) -> None:
-        """:meth:`load`, then :meth:`prepare` (one process; :func:`train` takes the two apart)."""
-        self.load()
-        self.prepare()
-
     def load(self) -> None:
         """Data, tokenizer, model and optimizer on this process; writes nothing and talks to no other process,
         so a failure here is shared before the distribution wrappers start collective work."""
