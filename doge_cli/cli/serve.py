@@ -28,6 +28,9 @@ def serve(
     max_queue: Annotated[int, typer.Option(
         "--max-queue", help="Requests that may wait beyond --max-batch; more are answered 429 with Retry-After.")]
     = 64,
+    max_connections: Annotated[int, typer.Option(
+        "--max-connections", help="Open client connections served at once; a request on one more is answered 503 "
+        "(by uvicorn) until one closes.")] = 256,
     max_new_tokens: Annotated[int, typer.Option(
         "--max-new-tokens", help="Longest reply a request may ask for (max_tokens).")] = 1024,
     no_ui: Annotated[bool, typer.Option("--no-ui", help="Serve the API only, no chat page at /.")] = False,
@@ -49,6 +52,8 @@ def serve(
         raise DogeError("--max-queue must be 0 or more")
     if max_new_tokens < 1:
         raise DogeError("--max-new-tokens must be at least 1")
+    if max_connections < 1:
+        raise DogeError("--max-connections must be at least 1")
     if not 0 <= port <= 65535:
         raise DogeError(f"--port {port} is not a port; choose 0..65535")
     if api_key is not None and not api_key.strip():
@@ -92,10 +97,20 @@ def serve(
         log.setLevel(logging.INFO)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    server = uvicorn.Server(server_config(app, max_connections))
     _run(server, sock, worker, announce=lambda: print(
         f"doge serve: {served_name} at http://{shown}:{bound_port}{'/' if not no_ui else '/v1'} "
         "(Ctrl+C stops)", flush=True))
+
+
+def server_config(app, max_connections: int):
+    """uvicorn's settings for ``doge serve``: our own access log, 5 s to finish answers at shutdown, and at most
+    ``max_connections`` open connections served (uvicorn answers 503 on one more: its limit counts the
+    connection asking too, hence the + 1)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                          limit_concurrency=max_connections + 1)
 
 
 def _run(server, sock: socket.socket, worker, announce) -> None:

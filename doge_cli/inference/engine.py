@@ -17,6 +17,14 @@
 - **Per-request sampling** (:mod:`.sampling`): each request has its own settings and random stream, so
   its tokens do not depend on its neighbours; log-probabilities of the chosen tokens on request.
 - **Streaming** (:mod:`.streaming`): ``on_text`` receives UTF-8-safe deltas that join to the final text.
+- **Failures stay with their request where they can**: a request whose sampler cannot be made, or whose
+  prompt's prefill raises (a token id outside the vocabulary, say), finishes in :meth:`Engine.step` with
+  ``finish_reason == "error"`` and the exception in ``error``; the rows already running are not touched,
+  and when a batch's prefill fails its prompts are prefilled again one at a time, so the requests
+  admitted beside the bad one start as they would have.
+  :meth:`Engine.generate` raises such an error instead (chat, eval and GRPO stop on it). A decoding step
+  that raises involves every running row, so it propagates and the caller decides (the server fails the
+  rows it was running and starts a fresh engine).
 - **Stopping**: a request stops at one of its stop ids (kept as its last token), at a stop string (the
   text is cut before it), or after ``max_new_tokens``. Where every forward is collective (DeepSpeed
   ZeRO-3, FSDP), ``stop_together`` keeps a process whose requests are done running forwards until every
@@ -42,6 +50,12 @@ from doge_cli.inference.streaming import TextStream
 MIN_CAPACITY = 64  # cache positions allocated at least; the cache doubles when a row outgrows it
 logger = logging.getLogger(__name__)
 _SAID: set[str] = set()
+
+
+def _failed(request: Request, err: BaseException) -> Request:
+    """``request`` could not start because of ``err``: it finishes with ``finish_reason == "error"``."""
+    request.finish_reason, request.error = "error", err
+    return request
 
 
 def _say_once(message: str) -> None:
@@ -76,6 +90,11 @@ class Request:
     cancelled: bool = False
     """Set (from any thread) to stop generating for this request at the next step; it then finishes with
     ``finish_reason == "cancelled"`` and frees its row (a client that went away)."""
+    id: str | None = None
+    """A name for log lines (the server's request id)."""
+    error: BaseException | None = None
+    """Why :meth:`Engine.step` could not start this request (``finish_reason == "error"``); the requests
+    already running were not touched."""
 
 
 class _Running:
@@ -146,14 +165,15 @@ class Engine:
             raise ValueError("with stop_together every request must fit in one batch (max_batch)")
         for request in requests:
             self.submit(request)
-        self._admit()
         while True:
             done = self.idle()
             if self.stop_together is not None:
                 done = self.stop_together(done)
             if done:
                 return requests
-            self._admit()
+            for request in self._admit():
+                if request.error is not None:
+                    raise request.error
             if self.running:
                 self._decode()
             else:  # every forward is collective: keep pace with the processes still generating
@@ -168,16 +188,44 @@ class Engine:
         finished = [r for r in batch if r.cancelled]
         for request in finished:
             request.finish_reason = "cancelled"
-        batch = [r for r in batch if not r.cancelled]
-        if not batch:
-            return finished
-        unique: dict[tuple[int, ...], list[Request]] = {}
+        # Requests with the same prompt are prefilled once (the first one's row is copied for the others).
+        groups: dict[tuple[int, ...], list[tuple[Request, RowSampler]]] = {}
+        device = self.model.device
         for request in batch:
-            unique.setdefault(tuple(request.prompt_ids), []).append(request)
-        prompts = list(unique)
+            if request.cancelled:
+                continue
+            try:
+                sampler = RowSampler(request.params, self.model.config.vocab_size, request.prompt_ids, device,
+                                     generator=request.generator)
+            except Exception as err:
+                finished.append(_failed(request, err))
+                continue
+            groups.setdefault(tuple(request.prompt_ids), []).append((request, sampler))
+        if not groups:
+            return finished
+        try:
+            logits = self._prefill(groups)
+        except Exception:  # somebody's prompt broke the batch's forward: find whose, one prompt at a time
+            logits = None
+        if logits is not None:
+            self._start_groups(list(groups.values()), logits)
+        else:
+            for prompt, group in groups.items():
+                try:
+                    logits = self._prefill({prompt: group})
+                except Exception as err:
+                    finished += [_failed(request, err) for request, _ in group]
+                    continue
+                self._start_groups([group], logits)
+        return finished + self._retire()
+
+    def _prefill(self, groups: dict[tuple[int, ...], list[tuple[Request, RowSampler]]]) -> torch.Tensor:
+        """One forward over the groups' prompts into the free rows from ``len(running)`` on; the (P, V)
+        logits of each prompt's last position. Nothing is taken: a failure here leaves the running rows as
+        they were."""
+        prompts, first = list(groups), len(self.running)
         longest = max(len(p) for p in prompts)
-        self._ensure_cache(longest + max(r.params.max_new_tokens for r in batch))
-        first = len(self.running)
+        self._ensure_cache(longest + max(r.params.max_new_tokens for group in groups.values() for r, _ in group))
         for row in range(first, first + len(prompts)):
             self.cache.reset_row(row)
         device = self.model.device
@@ -191,21 +239,21 @@ class Engine:
                          position_ids=torch.arange(longest, device=device)[None].expand(len(prompts), longest),
                          return_hidden_states=True)
         last = torch.tensor([len(p) - 1 for p in prompts], device=device)
-        logits = self._logits(out.hidden_states[torch.arange(len(prompts), device=device), last])
-        # Rows first .. first + len(prompts) hold the prompts; each further request with the same prompt
-        # gets a copy of its prompt's row after them.
-        for i, prompt in enumerate(prompts):
-            self._start(unique[prompt][0], logits[i])
-        for i, prompt in enumerate(prompts):
-            for request in unique[prompt][1:]:
-                self.cache.copy_row(first + i, len(self.running))
-                self._start(request, logits[i])
-        return finished + self._retire()
+        return self._logits(out.hidden_states[torch.arange(len(prompts), device=device), last])
 
-    def _start(self, request: Request, logits: torch.Tensor) -> None:
+    def _start_groups(self, groups: list[list[tuple[Request, RowSampler]]], logits: torch.Tensor) -> None:
+        """Rows ``len(running)`` on hold the groups' prompts (just prefilled); each further request with the
+        same prompt gets a copy of its prompt's row after them."""
+        first = len(self.running)
+        for i, group in enumerate(groups):
+            self._start(*group[0], logits[i])
+        for i, group in enumerate(groups):
+            for request, sampler in group[1:]:
+                self.cache.copy_row(first + i, len(self.running))
+                self._start(request, sampler, logits[i])
+
+    def _start(self, request: Request, sampler: RowSampler, logits: torch.Tensor) -> None:
         """Put ``request`` in the next cache row and choose its first token from its prompt's logits."""
-        sampler = RowSampler(request.params, self.model.config.vocab_size, request.prompt_ids, logits.device,
-                             generator=request.generator)
         stops = set(request.stop_token_ids if request.stop_token_ids is not None else self.stop_token_ids)
         stream = TextStream(self.tokenizer) if self.tokenizer is not None else None
         running = _Running(request, sampler, stops, stream)

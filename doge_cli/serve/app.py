@@ -17,9 +17,14 @@
 - Errors are OpenAI's shape with its statuses: 400 bad request, 401 bad key, 404 unknown model or
   path, 413 body over ``max_body`` bytes, 429 (with ``Retry-After``) when ``max_batch + max_queue``
   requests are already being generated or waiting, 500 a failure of the server itself.
-- One log line per request (method, path, status, generated tokens, seconds), never the prompt; the path
-  and method are escaped, so a client cannot start a line of its own. A 500 answers with an error id that the
-  log line holding the details carries, never the exception's text.
+- One log line per request (method, path, status, generated tokens, seconds, the request's id), never the
+  prompt; the path and method are escaped, so a client cannot start a line of its own. A 500 answers with
+  an error id that the log line holding the details carries, never the exception's text.
+- Chat templates are rendered and prompts tokenized on a worker thread, not the event loop.
+- With ``api_key`` set, the page at ``/`` says nothing about the model: it asks for the key, and reads the
+  model's name and limits from ``/v1/models`` with it. ``/health`` needs no key; besides ``status`` it
+  gives the requests in engine rows (``generating``), waiting for one (``queued``) and holding a place
+  (``admitted``).
 """
 
 from __future__ import annotations
@@ -101,7 +106,8 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # Load figures for monitors: requests in engine rows, waiting for one, and places taken (--max-queue).
+        return {"status": "ok", **service.worker.load(), "admitted": service.admitted}
 
     @app.get("/v1/models")
     async def models():
@@ -119,18 +125,23 @@ def create_app(model, tokenizer, *, served_name: str, api_key: str | None = None
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await service.complete(job, request)
 
+    # Rendering the chat template and tokenizing run on a worker thread: a 1 MiB prompt takes about a second
+    # to tokenize, which on the event loop would stall every stream.
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         service.admit(request)
-        return await respond(service.chat_job(body), request)
+        return await respond(await service.prepare(service.chat_job, body, request), request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         service.admit(request)
-        return await respond(service.completion_job(body), request)
+        return await respond(await service.prepare(service.completion_job, body, request), request)
 
     if ui:
-        page = _page(served_name, api_key is not None, max_new_tokens, service.context)
+        # With a key set, the page carries nothing about the model: it asks for the key and reads the
+        # model's name and limits from /v1/models with it.
+        page = (_page(None, True, None, None) if api_key is not None else
+                _page(served_name, False, max_new_tokens, service.context))
 
         @app.get("/")
         async def index():
@@ -149,6 +160,7 @@ class _Job:
         self.body = body
         self.prompt_tokens = prompt_tokens
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        request.id = self.id  # names the request in the worker's log lines
         self.created = int(time.time())
 
     def usage(self) -> dict:
@@ -172,7 +184,10 @@ class _Service:
 
     # -- requests ----------------------------------------------------------------------------
     def model_card(self) -> dict:
-        return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "doge"}
+        """OpenAI's model object, with the context (``max_model_len``, as vLLM names it) and the longest reply
+        a request may ask for (``max_new_tokens``, doge serve --max-new-tokens)."""
+        return {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "doge",
+                "max_model_len": self.context, "max_new_tokens": self.max_new_tokens}
 
     def check_model(self, name: str) -> None:
         if name != self.served_name:
@@ -191,6 +206,12 @@ class _Service:
 
     def release(self) -> None:
         self.admitted -= 1
+
+    async def prepare(self, make_job, body, http_request) -> _Job:
+        """``make_job(body)`` on a worker thread; the job's id goes into the request's log line."""
+        job = await asyncio.to_thread(make_job, body)
+        http_request.scope["doge"]["id"] = job.id
+        return job
 
     def chat_job(self, body: ChatCompletionRequest) -> _Job:
         from doge_cli.chat_format import prompt_ids
@@ -402,7 +423,7 @@ def _validation_error(err) -> APIError:
     return APIError(400, message, param=param)
 
 
-def _page(served_name: str, needs_key: bool, max_new_tokens: int, context: int) -> str:
+def _page(served_name: str | None, needs_key: bool, max_new_tokens: int | None, context: int | None) -> str:
     """The chat page with the server's settings filled in (as JSON safe inside a script element)."""
     settings = json.dumps({"model": served_name, "needsKey": needs_key, "maxTokens": max_new_tokens, "context": context})
     settings = settings.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -444,9 +465,10 @@ class _AccessLog:
             if info.get("admitted") and self.release is not None:
                 self.release()
             note = f" ({info['note']})" if info.get("note") else ""
+            job = f" {info['id']}" if info.get("id") else ""  # the id the worker's lines about it carry
             # The path is the client's text, decoded: shown escaped, so a %0A in it cannot start a forged line.
-            logger.info("%s %s %s %d tokens %.2fs%s", _printable(scope["method"]), _printable(scope["path"]),
-                        info["status"] or "-", info["tokens"], time.perf_counter() - started, _printable(note))
+            logger.info("%s %s %s %d tokens %.2fs%s%s", _printable(scope["method"]), _printable(scope["path"]),
+                        info["status"] or "-", info["tokens"], time.perf_counter() - started, job, _printable(note))
 
 
 def _printable(text: str, limit: int = 300) -> str:

@@ -2,9 +2,12 @@
 
 The engine is not thread-safe, so one thread owns it: handlers hand it requests through a queue, and it
 admits them between decoding steps (continuous batching up to the engine's ``max_batch``). Text deltas
-and the end of each request travel back to the handler's asyncio loop with ``call_soon_threadsafe``. A
-step that raises fails the requests it was running (their clients get an error) and the loop goes on
-with a fresh engine, so one bad request never stops the server.
+and the end of each request travel back to the handler's asyncio loop with ``call_soon_threadsafe``.
+One request's failure is kept to it where the engine can tell whose it is: a request the engine refuses,
+or whose prefill fails (``Request.error``), gets an error and the others go on in the same engine. A
+decoding step that raises involves every running row: it fails the requests it was running and the loop
+goes on with a fresh engine, so no request stops the server. Clients get an error id; the log line with
+that id names the requests and holds the traceback.
 
 ``doge serve`` runs the loop on the process's main thread (:meth:`EngineWorker.run`) and the HTTP server
 on a second one. Measured on a 2-core CPU, torch's CPU kernels ran a decoding step about half as fast
@@ -72,6 +75,11 @@ class EngineWorker:
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(timeout=10)
 
+    def load(self) -> dict[str, int]:
+        """Requests in engine rows and requests waiting for one (read from any thread; a snapshot)."""
+        engine = self.engine
+        return {"generating": len(engine.running), "queued": len(engine.queue) + self.inbox.qsize()}
+
     def _fail_running(self, message: str) -> None:
         for ticket in self.tickets.values():
             ticket._put(("error", message))
@@ -116,14 +124,24 @@ class EngineWorker:
                 self.tickets[id(ticket.request)] = ticket
             try:
                 finished = self.engine.step()
-            except Exception:  # a bug must not take the server down: fail what was running, go on
-                # Clients get an error id, the log gets the details (never the internals in a response).
-                error_id = secrets.token_hex(4)
-                logger.exception("generation step failed [error %s]", error_id)
-                self._fail_running(f"generation failed (error {error_id}; the server's log has the details)")
+            except Exception as err:  # a bug must not take the server down: fail what was running, go on
+                names = [ticket.request.id or "-" for ticket in self.tickets.values()]
+                self._fail_running(_failed(err, "generation step failed for requests " + ", ".join(names)))
                 self.engine = self.make_engine()
                 continue
             for request in finished:
                 ticket = self.tickets.pop(id(request), None)
-                if ticket is not None:
+                if ticket is None:
+                    continue
+                if request.error is not None:  # this request's own failure; the others went on
+                    ticket._put(("error", _failed(request.error, f"request {request.id or '-'} failed to start")))
+                else:
                     ticket._put(("done", None))
+
+
+def _failed(err: BaseException, what: str) -> str:
+    """Log ``what`` with ``err``'s traceback under a new error id; the client's message names only the id
+    (never the internals)."""
+    error_id = secrets.token_hex(4)
+    logger.error("%s [error %s]", what, error_id, exc_info=err)
+    return f"generation failed (error {error_id}; the server's log has the details)"

@@ -151,3 +151,36 @@ def test_a_cancelled_request_frees_its_row_at_the_next_step():
     alone = Request(prompts[2], SamplingParams(greedy=True, max_new_tokens=30))
     Engine(ours, max_batch=1).generate([alone])
     assert third.token_ids == alone.token_ids
+
+
+def test_a_request_whose_prefill_fails_fails_alone_and_the_others_go_on():
+    """Before, the failure propagated out of step() with the running rows in it, so a server failed them all."""
+    _, ours = _pair()
+    good, other, third = _prompts()[:3]
+    alone = []
+    for prompt in (good, other, third):
+        alone.append(Request(prompt, GREEDY))
+        Engine(ours, max_batch=1).generate([alone[-1]])
+    engine = Engine(ours, max_batch=4)
+    running = Request(good, GREEDY)
+    engine.submit(running)
+    engine.step()
+    bad = Request([5, ours.config.vocab_size + 7], GREEDY)  # a token id outside the vocabulary
+    beside = Request(other, GREEDY)  # admitted in the same prefill as the bad one
+    engine.submit(bad)
+    engine.submit(beside)
+    finished = engine.step()
+    assert finished == [bad] and bad.finish_reason == "error" and bad.token_ids == []
+    assert isinstance(bad.error, IndexError)
+    later = Request(third, GREEDY)  # the engine still admits and decodes
+    engine.submit(later)
+    while not engine.idle():
+        finished += engine.step()
+    assert [r.token_ids for r in (running, beside, later)] == [a.token_ids for a in alone]
+    assert all(r.error is None and r.finish_reason == "length" and r in finished for r in (running, beside, later))
+
+
+def test_generate_raises_what_a_prefill_raised():
+    _, ours = _pair()
+    with pytest.raises(IndexError):
+        Engine(ours, max_batch=2).generate([Request([5, ours.config.vocab_size + 7], GREEDY)])

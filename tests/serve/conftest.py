@@ -127,7 +127,7 @@ def log_mark(server: Server, timeout: float = 60) -> int:
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     server = start_server(save_random_model(root), root / "server.log", "--served-name", "tiny",
-                          "--max-batch", "8", "--max-new-tokens", "4000")
+                          "--max-batch", "8", "--max-new-tokens", "4000", "--max-connections", "32")
     yield server
     stop_server(server)
 

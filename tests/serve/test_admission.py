@@ -20,6 +20,9 @@ class HoldingWorker:
     def submit(self, ticket):
         self.tickets.append(ticket)
 
+    def load(self):
+        return {"generating": len(self.tickets), "queued": 0}
+
 
 @pytest.fixture()
 def app_and_worker(tmp_path):
@@ -37,7 +40,7 @@ def app_and_worker(tmp_path):
     worker = HoldingWorker()
     app = create_app(DogeForCausalLM(config).eval(), tok, served_name="tiny", max_batch=1, max_queue=1,
                      worker=worker)
-    return app, worker
+    return app, worker, tok
 
 
 BODY = {"model": "tiny", "prompt": "hello", "max_tokens": 2}
@@ -53,7 +56,7 @@ def wait_for_tickets(worker, n):
 def test_beyond_the_queue_is_429_with_retry_after_and_places_come_back(app_and_worker):
     from fastapi.testclient import TestClient
 
-    app, worker = app_and_worker
+    app, worker, _ = app_and_worker
     with TestClient(app) as client:
         for _ in range(3):  # admitted, then refused by the request's own check: the place comes back each time
             assert client.post("/v1/completions", json={**BODY, "max_tokens": 10**6}).status_code == 400
@@ -63,6 +66,8 @@ def test_beyond_the_queue_is_429_with_retry_after_and_places_come_back(app_and_w
         for thread in held:  # max_batch 1 + max_queue 1: two places
             thread.start()
         wait_for_tickets(worker, 2)
+        health = client.get("/health").json()  # checked once the held requests are let go (a failed assert
+        # here would leave them, and the client's shutdown, waiting)
         busy = client.post("/v1/completions", json=BODY)
         assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"
         assert busy.json()["error"]["code"] == "server_busy" and "--max-queue" in busy.json()["error"]["message"]
@@ -80,3 +85,41 @@ def test_beyond_the_queue_is_429_with_retry_after_and_places_come_back(app_and_w
         worker.tickets[2]._put(("error", "stopped by the test"))
         third.join(timeout=30)
         assert answers[-1].status_code == 500
+        assert client.get("/health").json()["admitted"] == 0
+    assert health == {"status": "ok", "generating": 2, "queued": 0, "admitted": 2}
+
+
+def test_prompts_are_rendered_and_tokenized_off_the_event_loop(app_and_worker, monkeypatch):
+    """A 1 MiB prompt takes about a second to tokenize; on the event loop that stalled every stream."""
+    import asyncio
+
+    from fastapi.testclient import TestClient
+
+    app, worker, tok = app_and_worker
+    tokenizer_type = type(tok)
+    on_loop = []
+
+    def watching(method):
+        def wrapper(self, *args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(method.__name__)
+            except RuntimeError:  # no loop in this thread: a worker thread
+                on_loop.append(None)
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name in ("__call__", "apply_chat_template"):
+        monkeypatch.setattr(tokenizer_type, name, watching(getattr(tokenizer_type, name)))
+    with TestClient(app) as client:
+        for path, body in (("/v1/completions", BODY),
+                           ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 2})):
+            answer, before = [], len(worker.tickets)
+            thread = threading.Thread(target=lambda: answer.append(client.post(path, json=body)))
+            thread.start()
+            wait_for_tickets(worker, before + 1)
+            worker.tickets[-1]._put(("done", None))
+            thread.join(timeout=30)
+            assert answer[0].status_code == 200
+    assert on_loop and set(on_loop) == {None}, on_loop

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -51,10 +54,12 @@ def sse_events(response: httpx.Response) -> list[str]:
 def test_models_lists_the_served_name(served):
     api = client(served)
     assert [m.id for m in api.models.list().data] == ["tiny"]
-    assert api.models.retrieve("tiny").owned_by == "doge"
+    card = api.models.retrieve("tiny")
+    assert card.owned_by == "doge" and card.model_extra == {"max_model_len": CONTEXT, "max_new_tokens": 4000}
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("gpt-4")
-    assert httpx.get(served.url + "/health").json() == {"status": "ok"}
+    health = httpx.get(served.url + "/health").json()
+    assert health["status"] == "ok" and {"generating", "queued", "admitted"} <= set(health)
 
 
 def test_a_vanishing_temperature_is_greedy_not_nan(served, local):
@@ -267,10 +272,11 @@ def test_one_log_line_per_request_without_prompt_text(served):
     httpx.get(served.url + "/health")
     lines = wait_for_log(served, before + 2)[before:]
     assert len(lines) == 2
-    _, method, path, status, tokens, word, seconds = lines[0].split()
+    _, method, path, status, tokens, word, seconds, request_id = lines[0].split()
     assert (method, path, status, tokens, word) == ("POST", "/v1/chat/completions", "200", "4", "tokens")
     assert float(seconds.removesuffix("s")) >= 0
-    assert lines[1].split()[1:5] == ["GET", "/health", "200", "0"]
+    assert re.fullmatch("chatcmpl-[0-9a-f]{32}", request_id)  # the id the worker's lines about it carry
+    assert lines[1].split()[1:5] == ["GET", "/health", "200", "0"] and len(lines[1].split()) == 7
     assert secret not in served.log.read_text()
 
 
@@ -285,7 +291,9 @@ def test_the_key_is_required_and_checked(r1_served):
         client(r1_served, key="wrong").models.list()
     assert [m.id for m in client(r1_served, key=API_KEY).models.list().data] == ["doge-r1"]
     assert httpx.get(r1_served.url + "/health").status_code == 200  # health and the page need no key
-    assert httpx.get(r1_served.url + "/").status_code == 200
+    page = httpx.get(r1_served.url + "/")
+    assert page.status_code == 200 and "doge-r1" not in page.text  # ... but the page names the model only to
+    # whoever has the key (it reads it from /v1/models)
 
 
 def test_r1_thinking_comes_apart_from_the_answer(r1_served):
@@ -339,3 +347,18 @@ def test_the_access_log_cannot_be_given_forged_lines(served):
     line = wait_for_line(served, after, "FORGED")
     assert "/v1/x\\nFORGED GET /v1/models 200\\x1b[31m" in line, line
     assert not any(ln.startswith("FORGED") for ln in served.log_lines())
+
+
+def test_connections_beyond_max_connections_get_503_until_one_closes(served):
+    """--max-connections 32 (the fixture's): with 32 connections open, a request on one more is refused."""
+    host, port = served.url.removeprefix("http://").rsplit(":", 1)
+    held = [socket.create_connection((host, int(port)), timeout=30) for _ in range(32)]
+    try:
+        assert httpx.get(served.url + "/health", timeout=30).status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 30  # other tests' idle keep-alive connections close within uvicorn's 5 s
+    while (status := httpx.get(served.url + "/health", timeout=30).status_code) == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 200

@@ -86,6 +86,54 @@ def test_a_failing_step_fails_its_requests_and_the_worker_goes_on(model_and_tok)
         worker.stop()
 
 
+def test_a_request_whose_prefill_fails_fails_alone_while_a_stream_goes_on(model_and_tok, caplog):
+    """Before, the prefill's error failed every running request (a stream lost its end) and the engine was
+    rebuilt."""
+    model, tok = model_and_tok
+    long = greedy([1, 2, 3], n=40)
+    expected = Engine(model, tok, max_batch=1).generate([greedy([1, 2, 3], n=40)])[0]
+    built = []
+
+    def make():
+        built.append(1)
+        return Engine(model, tok, max_batch=3)
+
+    worker = EngineWorker(make)
+    bad = greedy([4, len(tok) + 9])  # a token id outside the vocabulary
+    bad.id = "chatcmpl-bad"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        stream, broken = Ticket(long, loop), Ticket(bad, loop)
+        worker.submit(stream)
+        worker.engine.submit(long)  # as the loop would: the stream is running when the bad one comes
+        worker.tickets[id(long)] = stream
+        worker.inbox.get_nowait()
+        worker.engine.step()
+        worker.submit(broken)
+        worker.start()
+        events = [[], []]
+        for ticket, out in zip((stream, broken), events):
+            while not out or out[-1][0] == "text":
+                out.append(await asyncio.wait_for(ticket.events.get(), timeout=60))
+        return events
+
+    try:
+        with caplog.at_level("ERROR", logger="doge_cli.serve.worker"):
+            streamed, failed = asyncio.run(scenario())
+        assert worker.load() == {"generating": 0, "queued": 0}
+    finally:
+        worker.stop()
+    assert streamed[-1] == ("done", None) and "".join(v for k, v in streamed if k == "text") == expected.text
+    ((kind, message),) = failed
+    error_id = re.fullmatch(r"generation failed \(error ([0-9a-f]{8}); the server's log has the details\)", message)
+    assert kind == "error" and error_id, message
+    (record,) = caplog.records
+    assert "chatcmpl-bad" in record.getMessage() and error_id.group(1) in record.getMessage()
+    assert record.exc_info[0] is IndexError  # the traceback is in the log
+    assert len(built) == 1  # the same engine went on
+
+
 def test_a_request_the_engine_refuses_gets_an_error_and_others_run(model_and_tok):
     model, tok = model_and_tok
     worker = EngineWorker(lambda: Engine(model, tok, max_batch=2)).start()
