@@ -116,7 +116,8 @@ def test_prompts_are_rendered_and_tokenized_off_the_event_loop(app_and_worker, m
                            ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
                                                      "max_tokens": 2})):
             answer, before = [], len(worker.tickets)
-            thread = threading.Thread(target=lambda: answer.append(client.post(path, json=body)))
+            thread = threading.Thread(target=lambda out=answer, path=path, body=body:
+                                      out.append(client.post(path, json=body)))
             thread.start()
             wait_for_tickets(worker, before + 1)
             worker.tickets[-1]._put(("done", None))
