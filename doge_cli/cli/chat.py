@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from doge_cli.cli.options import DtypeOpt, QuantizeOpt
+
 
 def chat(
     model: Annotated[str, typer.Argument(help="Model folder (e.g. runs/sft/final) or hub id (owner/name).",
@@ -27,6 +29,8 @@ def chat(
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", help="Tokenizer folder or hub id (default: the one in the model folder).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Chat with a model through its chat template. Commands: /reset, /system TEXT, /params \\[key=value ...],
     /save FILE, /exit. Reasoning of R1 models is shown dim under "thinking"."""
@@ -40,7 +44,8 @@ def chat(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, greedy=greedy, seed=seed)
     params.validate()
-    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device, need_chat_template=True)
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device, need_chat_template=True,
+                                       dtype=dtype, quantize=quantize)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()
         if not prompt:

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from doge_cli.cli.options import DtypeOpt, QuantizeOpt
+
 
 def eval_models(
     model: Annotated[list[str] | None, typer.Option(
@@ -39,6 +41,8 @@ def eval_models(
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", help="Tokenizer folder or hub id (default: the one in the model folder).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
     reference: Annotated[str | None, typer.Option(
         "--reference", help="The model a DPO run started from (e.g. the SFT model): the preference task adds "
         "DPO's implicit-reward accuracy and margin against it.", show_default=False)] = None,
@@ -53,7 +57,7 @@ def eval_models(
     """
     from rich.console import Console
 
-    from doge_cli.chat.loading import pick_device
+    from doge_cli.chat.loading import check_precision
     from doge_cli.errors import DogeError
     from doge_cli.eval.report import results_table
     from doge_cli.eval.run import check_settings, evaluate, load_results, results_path
@@ -62,7 +66,7 @@ def eval_models(
         raise DogeError("give --model PATH (repeatable) to evaluate, or --compare RESULTS.json ... to show results")
     # Everything that can be wrong with the flags is found before the first model is evaluated.
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
-    pick_device(device)
+    check_precision(dtype, quantize, device)
     from doge_cli.io import check_apart
 
     for name in model or []:
@@ -76,5 +80,5 @@ def eval_models(
         runs.append(evaluate(name, tasks=tasks, num_fewshot=num_fewshot, datasets_dir=datasets_dir,
                              output_dir=output_dir, max_samples=max_samples, batch_size=batch_size,
                              use_chat_template=chat_template, system_prompt=system, tokenizer=tokenizer,
-                             device=device, reference=reference, max_new_tokens=max_new_tokens, log=lambda m: console.print(f"[dim]{m}[/]")))
+                             device=device, dtype=dtype, quantize=quantize, reference=reference, max_new_tokens=max_new_tokens, log=lambda m: console.print(f"[dim]{m}[/]")))
     console.print(results_table(earlier + runs))

@@ -29,6 +29,12 @@ RecipeAndOverridesArg = Annotated[
     ),
 ]
 
+DtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="Weights' precision: auto (the model's own, as saved), fp32 or bf16.")]
+QuantizeOpt = Annotated[str | None, typer.Option(
+    "--quantize", help="int8: weight-only int8 linear layers, a quarter of fp32's bytes (CPU only; README: "
+    "'CPU inference' has the measured speed and quality).", show_default=False)]
+
 
 def split_recipe_and_overrides(args: list[str] | None) -> tuple[str | None, list[str]]:
     """The first argument is a recipe when it is not of the form key=value."""

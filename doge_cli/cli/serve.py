@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from doge_cli.cli.options import DtypeOpt, QuantizeOpt
 from doge_cli.errors import DogeError
 
 
@@ -37,6 +38,8 @@ def serve(
     tokenizer: Annotated[str | None, typer.Option(
         "--tokenizer", help="Tokenizer folder or hub id (default: the one in the model folder).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ... or auto.")] = "auto",
+    dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = None,
 ) -> None:
     """Serve a model with OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models, /health) and a
     chat page at /. Concurrent requests are batched, up to --max-batch at once."""
@@ -59,14 +62,15 @@ def serve(
     if api_key is not None and not api_key.strip():
         raise DogeError("--api-key is empty; pass a key or leave the option out")
 
-    from doge_cli.chat.loading import load_model_and_tokenizer
+    from doge_cli.chat.loading import check_precision, load_model_and_tokenizer
     from doge_cli.inference import Engine
     from doge_cli.serve.app import create_app
     from doge_cli.serve.worker import EngineWorker
 
+    check_precision(dtype, quantize, device)
     sock = _bind(host, port)  # before loading the model: a taken port is found at once
     try:
-        lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device)
+        lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device, dtype=dtype, quantize=quantize)
     except BaseException:
         sock.close()
         raise

@@ -142,8 +142,8 @@ def _run_pipeline(lm, tok, model: str, configs: list, names: list[str], *, num_f
 def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0, datasets_dir: Path = Path("datasets"),
              output_dir: Path | None = Path("eval_results"), max_samples: int | None = None, batch_size: int = 8,
              use_chat_template: bool = False, system_prompt: str | None = None, tokenizer: str | None = None,
-             device: str | None = None, reference: str | None = None, max_new_tokens: int | None = None,
-             log: Callable[[str], None] = lambda _m: None) -> dict:
+             device: str | None = None, dtype: str = "auto", quantize: str | None = None,
+             reference: str | None = None, max_new_tokens: int | None = None, log: Callable[[str], None] = lambda _m: None) -> dict:
     """Evaluate ``model`` (folder or hub id) on ``tasks`` (names or groups; default: the builtin tasks).
 
     Returns the results dict (the module docstring shows it) and, with ``output_dir``, writes it to
@@ -165,9 +165,9 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     configs = task_configs(names, Path(datasets_dir))
 
     log(f"loading {model}")
-    from doge_cli.chat.loading import load_model_and_tokenizer
+    from doge_cli.chat.loading import describe_precision, load_model_and_tokenizer
 
-    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device)
+    lm, tok = load_model_and_tokenizer(model, tokenizer=tokenizer, device=device, dtype=dtype, quantize=quantize)
     if use_chat_template and not tok.chat_template:
         raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
 
@@ -176,7 +176,8 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     ref_model = None
     if reference is not None and "preference" in names:
         log(f"loading the reference {reference}")
-        ref_model, _ = load_model_and_tokenizer(reference, tokenizer=tokenizer, device=device)
+        ref_model, _ = load_model_and_tokenizer(reference, tokenizer=tokenizer, device=device, dtype=dtype,
+                                                quantize=quantize)
 
     started = time.perf_counter()
     found: dict = {}
@@ -205,6 +206,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         "num_fewshot": num_fewshot,
         "max_samples": max_samples,
         "use_chat_template": use_chat_template,
+        "precision": describe_precision(lm),
         "seconds": round(time.perf_counter() - started, 2),
         "versions": {"doge": __version__, "lighteval": version("lighteval")},
         "tasks": _in_order(found, names),

@@ -27,11 +27,14 @@ checked against the model's own forward (tests/inference/test_decode.py).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
 from doge_cli.model.attention import top_keys
 from doge_cli.model.modeling import MLP, head_dim, is_legacy
+from doge_cli.model.quantize import Int8Linear, int8_linear
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -51,25 +54,37 @@ class _Layer:
             return None if t is None else t.detach().to(dtype)
 
         self.attn, self.mlp = attn, mlp
-        self.qkv_w = w(torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)))
-        self.qkv_b = w(torch.cat((attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias))) if attn.q_proj.bias is not None \
-            else None
+        self.qkv = _product((attn.q_proj, attn.k_proj, attn.v_proj), dtype)
         self.q_out = attn.q_proj.out_features
         self.kv_out = attn.k_proj.out_features
         # The q and k norm weights of every head, so the q|k heads are normed as one tensor.
         self.qk_norm = None if legacy else w(torch.cat((attn.q_norm.weight.expand(hq, -1), attn.k_norm.weight.expand(hkv, -1))))
         self.qk_eps = None if legacy else attn.q_norm.eps
         self.a, self.dt_w, self.dt_b = w(attn.A), w(attn.dt_proj.weight), w(attn.dt_proj.bias)
-        self.o_w, self.o_b = w(attn.o_proj.weight), w(attn.o_proj.bias)
+        self.o = _product((attn.o_proj,), dtype)
         self.ln1, self.ln1_eps = w(layer.input_layernorm.weight), layer.input_layernorm.eps
         self.ln2, self.ln2_eps = w(layer.post_attention_layernorm.weight), layer.post_attention_layernorm.eps
         self.res1, self.res2 = w(layer.input_residual), w(layer.post_attention_residual)
         self.dense = type(mlp) is MLP
         if self.dense:
-            self.gu_w = w(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)))
-            self.gu_b = w(torch.cat((mlp.gate_proj.bias, mlp.up_proj.bias))) if mlp.gate_proj.bias is not None else None
-            self.down_w, self.down_b = w(mlp.down_proj.weight), w(mlp.down_proj.bias)
+            self.gu = _product((mlp.gate_proj, mlp.up_proj), dtype)
+            self.down = _product((mlp.down_proj,), dtype)
             self.act = mlp.act_fn
+
+
+def _product(layers, dtype: torch.dtype):
+    """``x -> x @ W.T + b`` for linear layers that share an input, their weights stacked into one product;
+    int8 layers (``doge_cli.model.quantize``) stay int8 and multiply through the int8 kernel."""
+    if all(isinstance(layer, Int8Linear) for layer in layers):
+        qweight = torch.cat([layer.qweight for layer in layers])
+        scales = torch.cat([layer.scales for layer in layers])
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers]).to(dtype)
+        return partial(int8_linear, qweight=qweight, scales=scales, bias=bias)
+    if any(isinstance(layer, Int8Linear) for layer in layers):
+        raise ValueError("layers that share an input are either all int8 or none")
+    weight = torch.cat([layer.weight.detach() for layer in layers]).to(dtype)
+    bias = None if layers[0].bias is None else torch.cat([layer.bias.detach() for layer in layers]).to(dtype)
+    return partial(F.linear, weight=weight, bias=bias)
 
 
 def decoder_for(model) -> Decoder:
@@ -97,9 +112,22 @@ class Decoder:
         self.layers = [_Layer(layer, self.dtype, self.hq, self.hkv, self.legacy) for layer in model.model.layers]
         self.norm, self.norm_eps = model.model.norm.weight.detach().to(self.dtype), model.model.norm.eps
         self.embed = model.model.embed_tokens.weight
-        self.head = model.lm_head.weight.detach().to(self.dtype)
+        self.head = _product((model.lm_head,), self.dtype)
         self.inv_freq = model.model.rotary_emb.inv_freq
         self.rope_scaling = model.model.rotary_emb.scaling
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decoding step reads (whatever the batch): every product's weights (int8 ones
+        with their scales), norms and per-layer vectors, and one embedding row a token (counted once)."""
+        tensors = [self.norm, self.inv_freq, self.embed[0]]
+        for product in [self.head] + [p for lw in self.layers for p in (lw.qkv, lw.o) + ((lw.gu, lw.down) if lw.dense
+                                                                                          else ())]:
+            tensors += [t for t in product.keywords.values() if t is not None]
+        for lw in self.layers:
+            tensors += [t for t in (lw.qk_norm, lw.a, lw.dt_w, lw.dt_b, lw.ln1, lw.ln2, lw.res1, lw.res2) if t is not None]
+            if not lw.dense:  # a CDMoE layer runs its module: its whole parameters, a conservative count
+                tensors += list(lw.mlp.parameters())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -139,16 +167,16 @@ class Decoder:
             h = lw.res1 * h + attn
             x = _rms(h, lw.ln2, lw.ln2_eps)
             if lw.dense:
-                gate, up = F.linear(x, lw.gu_w, lw.gu_b).chunk(2, dim=-1)
-                m = F.linear(lw.act(gate) * up, lw.down_w, lw.down_b)
+                gate, up = lw.gu(x).chunk(2, dim=-1)
+                m = lw.down(lw.act(gate) * up)
             else:
                 m = lw.mlp(x.to(self.model.dtype))[0].to(self.dtype)
             h = lw.res2 * h + m
-        return F.linear(_rms(h[:, 0], self.norm, self.norm_eps), self.head).float()
+        return self.head(_rms(h[:, 0], self.norm, self.norm_eps)).float()
 
     def _attention(self, i: int, lw: _Layer, x, cos, sin, cache_dtype, key_mask, write) -> torch.Tensor:
         n, d, hq, hkv = x.shape[0], self.d, self.hq, self.hkv
-        qkv = F.linear(x, lw.qkv_w, lw.qkv_b)
+        qkv = lw.qkv(x)
         qk = qkv[..., :lw.q_out + lw.kv_out].view(n, 1, hq + hkv, d)
         v = qkv[..., lw.q_out + lw.kv_out:]  # (n, 1, Hkv * D)
         if lw.qk_norm is not None:
@@ -178,4 +206,4 @@ class Decoder:
             # to 0 either way), and no NaN in a row that allows none (static_step's padding rows).
             scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (n, heads, g, D)
-        return F.linear(out.reshape(n, 1, hq * d), lw.o_w, lw.o_b)
+        return lw.o(out.reshape(n, 1, hq * d))

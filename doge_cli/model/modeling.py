@@ -470,11 +470,12 @@ class DogeForCausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The float dtype of the weights (the embedding's: a head quantized to int8 keeps it)."""
+        return self.model.embed_tokens.weight.dtype
 
     def _compute_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype attention computes in here: autocast's when it is on, else the weights'."""

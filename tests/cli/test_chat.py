@@ -128,3 +128,21 @@ def test_errors_are_one_line_with_exit_2(model_dir, tmp_path, capsys, case, mess
     code, out, err = _doge(capsys, "chat", str(target), "--prompt", "hi", *extra)
     assert code == 2 and out == ""
     assert err.startswith("doge: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "bf16"], ["--dtype", "fp32", "--quantize", "int8", "--device", "cpu"]])
+def test_lower_precisions_answer_too(model_dir, capsys, monkeypatch, flags):
+    import doge_cli.chat.loading as loading
+
+    loaded = []
+    real = loading.load_model_and_tokenizer
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        loaded.append(model)
+        return model, tok
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", spy)
+    code, out, err = _doge(capsys, "chat", str(model_dir), "--prompt", "What is 2+2?", "--greedy", *flags)
+    assert code == 0 and out == "4\n", (out, err)  # the forced model's margins survive the rounding
+    assert loading.describe_precision(loaded[0]) == ("bf16" if "bf16" in flags else "int8")

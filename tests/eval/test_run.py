@@ -21,6 +21,7 @@ def test_results_json_has_every_builtin_metric_in_range(results):
     base = saved["baselines"]["heldout-ppl"]["unigram"]
     assert base["fitted_on"] == "held-out text" and math.isfinite(base["bits_per_byte"]) and base["tokens"] > 0
     assert saved["versions"]["lighteval"] == "0.13.0" and saved["num_fewshot"] == 0
+    assert saved["precision"] == "fp32"  # the weights as saved (--dtype auto, no --quantize)
 
 
 def test_forced_answers_score_perfectly(results):

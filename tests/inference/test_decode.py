@@ -61,7 +61,7 @@ def test_a_legacy_model_decodes_like_its_forward():
 def test_low_precision_weights_decode_in_fp32_on_cpu_and_the_decoder_is_kept_until_they_change():
     model = ours_from(hf_twin(tiny_config()), "eager").to(torch.bfloat16)
     decoder = decoder_for(model)
-    assert decoder.dtype == torch.float32 and decoder.layers[0].qkv_w.dtype == torch.float32
+    assert decoder.dtype == torch.float32 and decoder.layers[0].qkv.keywords["weight"].dtype == torch.float32
     assert decoder_for(model) is decoder
     with torch.no_grad():
         model.lm_head.weight.add_(1)  # an optimizer step changes weights in place
