@@ -15,7 +15,9 @@ run, as the median rate of summing a float32 buffer the size of the step's reads
 which cache level serves it). "of bound" is the measured rate over that bound.
 
 Every (stack, precision) pair runs in its own subprocess so its memory is its own; the stacks alternate per
-round and each figure is the median over the rounds. On a GPU a third stack, ``doge-eager``, decodes
+round and each figure is the median over the rounds. On a CPU (without ``--quick``) a third stack,
+``doge-compiled``, decodes through the torch.compile'd step (``Engine(compile=True)``; its compiling
+happens in the warm-up, outside the timings). On a GPU a third stack, ``doge-eager``, decodes
 without CUDA graphs (``DOGE_CUDA_GRAPHS=0``): the graphs' speed-up, and whether they chose the same
 tokens as eager decoding.
 
@@ -104,7 +106,7 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
             return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
         from doge_cli.inference import generate
 
-        return generate(model, ids, max_new_tokens=tokens, stop_token_ids=[]).sequences
+        return generate(model, ids, max_new_tokens=tokens, stop_token_ids=[], compile=stack == "doge-compiled").sequences
 
     out = {}
     gen = torch.Generator().manual_seed(1)
@@ -153,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(stack, size, dtype, prompts, batches, args.new, args.device)))
         return 0
     results: dict[tuple[str, str], list[dict]] = {}
-    stacks = ("reference", "doge") + (("doge-eager",) if args.device != "cpu" else ())
-    precisions = PRECISIONS if args.device == "cpu" else PRECISIONS[:2]
-    runs = [(stack, dtype) for dtype in precisions for stack in stacks if not (dtype == "int8" and stack != "doge")]
+    cpu = args.device == "cpu"
+    stacks = ("reference", "doge") + (("doge-eager",) if not cpu else ()) + (("doge-compiled",) if cpu and not args.quick
+                                                                          else ())
+    precisions = PRECISIONS if cpu else PRECISIONS[:2]
+    runs = [(stack, dtype) for dtype in precisions for stack in stacks if not (dtype == "int8" and stack == "reference")]
     for _ in range(args.rounds):
         for stack, dtype in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{stack}:{dtype}", "--new", str(args.new),
@@ -178,17 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(r[key][field] for r in rows)
 
     ratios, identical = [], True
-    for dtype in precisions:
-        ref, ours = results.get(("reference", dtype)), results[("doge", dtype)]
+    for dtype, variant in [(d, v) for d in precisions for v in ("doge", "doge-compiled") if (v, d) in results]:
+        ref, ours = results.get(("reference", dtype)), results[(variant, dtype)]
         for key in (f"{p}x{b}" for p in prompts for b in batches):
             batch = int(key.split("x")[1])
             d_tok, d_ttft = med(ours, key, "tok_s"), med(ours, key, "ttft_s") * 1000
             fp32_tok = med(results[("reference", "float32")], key, "tok_s")
-            cells = [dtype, key]
+            cells = [dtype if variant == "doge" else f"{dtype}, compiled", key]
             if ref is not None:
                 r_tok, r_ttft = med(ref, key, "tok_s"), med(ref, key, "ttft_s") * 1000
                 same = "yes" if all(a[key]["tokens"] == b[key]["tokens"] for a, b in zip(ref, ours)) else "no"
-                ratios.append(d_tok / r_tok)
+                if variant == "doge":
+                    ratios.append(d_tok / r_tok)
                 cells += [f"{r_tok:,.0f}", f"{d_tok:,.0f}", f"{d_tok / r_tok:.2f}x"]
             else:
                 r_ttft, same = None, "-"
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells += [f"{step / 1e6:.1f}", f"{bandwidth / 1e9:.1f}", f"{limit:,.0f}", f"{d_tok / limit:.0%}"]
             cells += [f"{r_ttft:,.1f}" if r_ttft is not None else "-", f"{d_ttft:,.1f}",
                       f"{d_ttft / r_ttft:.2f}x" if r_ttft is not None else "-", same]
-            if graphs:
+            if graphs and variant == "doge":
                 eager = results[("doge-eager", dtype)]
                 e_tok = med(eager, key, "tok_s")
                 agree = all(a[key]["tokens"] == b[key]["tokens"] for a, b in zip(eager, ours))
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         d_mem = statistics.median(r["peak_mib"] for r in ours)
         r_mem = statistics.median(r["peak_mib"] for r in ref) if ref is not None else None
         label = "GPU memory" if args.device != "cpu" else "RSS"
-        print(f"| {dtype} | peak {label} MiB | {f'{r_mem:,.0f}' if r_mem else '-'} | {d_mem:,.0f} | "
+        print(f"| {cells[0]} | peak {label} MiB | {f'{r_mem:,.0f}' if r_mem else '-'} | {d_mem:,.0f} | "
               f"{f'{d_mem / r_mem:.2f}x' if r_mem else '-'} |")
     print(f"median speed ratio over all rows: {statistics.median(ratios):.2f}x")
     if graphs:

@@ -116,6 +116,13 @@ class Decoder:
         self.inv_freq = model.model.rotary_emb.inv_freq
         self.rope_scaling = model.model.rotary_emb.scaling
 
+    def compiled_static_step(self):
+        """:meth:`static_step` through ``torch.compile`` (dynamic shapes: one compile serves every cache
+        capacity and batch above 1), made once per decoder and so shared by the engines that use it."""
+        if getattr(self, "_compiled", None) is None:
+            self._compiled = torch.compile(self.static_step, dynamic=True)
+        return self._compiled
+
     def weight_bytes(self) -> int:
         """Bytes of weights one decoding step reads (whatever the batch): every product's weights (int8 ones
         with their scales), norms and per-layer vectors, and one embedding row a token (counted once)."""

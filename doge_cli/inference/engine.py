@@ -112,10 +112,14 @@ class _Running:
 
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, stop_token_ids: list[int] | None = None,
-                 stop_together: Callable[[bool], bool] | None = None, cuda_graphs: bool | None = None):
+                 stop_together: Callable[[bool], bool] | None = None, cuda_graphs: bool | None = None,
+                 compile: bool = False):
         """``cuda_graphs``: decode through CUDA graphs (:mod:`.graphs`). None: on a GPU unless the
         environment sets ``DOGE_CUDA_GRAPHS=0``; True on a CPU runs the graphed step's code eagerly
-        (what the tests compare with the eager step); ignored where the weights are sharded."""
+        (what the tests compare with the eager step); ignored where the weights are sharded.
+        ``compile``: on a CPU, decode through the fixed-shape step compiled by torch.compile
+        (:meth:`Decoder.compiled_static_step`; the first step of each new shape compiles for seconds);
+        refused on a GPU, where CUDA graphs do that job."""
         self.model, self.tokenizer = model, tokenizer
         self.max_batch = max_batch
         self.stop_token_ids = list(stop_token_ids) if stop_token_ids is not None else config_eos_ids(model.config)
@@ -129,7 +133,12 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = model.device.type == "cuda" and os.environ.get("DOGE_CUDA_GRAPHS", "1") != "0"
         self.graphs = None
-        if cuda_graphs and self.decoder is not None:
+        if compile:
+            if model.device.type != "cpu":
+                raise ValueError("compile is for decoding on a CPU; on a GPU the step runs as CUDA graphs")
+            if self.decoder is not None:
+                self.graphs = GraphedDecoder(self.decoder, max_batch, self._pad_id(), capture=False, compiled=True)
+        elif cuda_graphs and self.decoder is not None:
             self.graphs = GraphedDecoder(self.decoder, max_batch, self._pad_id(), capture=model.device.type == "cuda")
         self.cache = None
         self.running: list[_Running] = []  # row i of the cache holds running[i]
@@ -286,7 +295,7 @@ class Engine:
         """The step through CUDA graphs; a capture that fails is said once, and decoding goes on eagerly."""
         logits = self.graphs(token_ids, positions, self.cache)
         if self.graphs.failed is not None:
-            _say_once(f"generation: capturing the decoding step as a CUDA graph failed ({self.graphs.failed}); "
+            _say_once(f"generation: {self.graphs.what} failed ({self.graphs.failed}); "
                       "decoding eagerly instead (slower)")
             self.graphs = None
         return logits

@@ -48,6 +48,7 @@ def generate(
     num_return_sequences: int = 1,
     generator: torch.Generator | None = None,
     logprobs: bool = False,
+    compile: bool = False,
     stop_together: Callable[[bool], bool] | None = None,
 ) -> GenerationOutput:
     """Continue each prompt row of ``input_ids`` (B, T), left-padded where ``attention_mask`` is 0.
@@ -55,7 +56,8 @@ def generate(
     Greedy unless ``do_sample``. A row stops after any of ``stop_token_ids`` (default: the config's
     EOS ids). ``num_return_sequences`` samples per prompt are adjacent rows (GRPO groups). With a
     ``generator``, each row's random stream is seeded from it in row order (reproducible); without one,
-    sampled rows draw fresh seeds.
+    sampled rows draw fresh seeds. ``compile``: decode through the torch.compile'd step (CPU; see
+    :class:`~doge_cli.inference.Engine`).
     """
     config = model.config
     if attention_mask is None:
@@ -72,7 +74,7 @@ def generate(
                 stream = torch.Generator(device=model.device).manual_seed(seed)
             requests.append(Request(prompt, params, stop_token_ids=list(stop_token_ids) if stop_token_ids is not None
                                     else None, logprobs=logprobs, generator=stream))
-    Engine(model, max_batch=len(requests), stop_together=stop_together).generate(requests)
+    Engine(model, max_batch=len(requests), stop_together=stop_together, compile=compile).generate(requests)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
     width = max(len(r.token_ids) for r in requests)

@@ -55,8 +55,12 @@ class GraphedDecoder:
     """Runs :class:`~doge_cli.inference.decode.Decoder` steps for an engine's cache, as CUDA graphs when
     ``capture`` (else the same static step, eagerly)."""
 
-    def __init__(self, decoder, max_batch: int, pad_id: int, capture: bool):
+    def __init__(self, decoder, max_batch: int, pad_id: int, capture: bool, compiled: bool = False):
+        """``compiled`` (with ``capture=False``): run the static step through torch.compile instead of eagerly."""
         self.decoder, self.max_batch, self.pad_id, self.capture = decoder, max_batch, pad_id, capture
+        self.compiled = compiled and not capture
+        self.what = "compiling the decoding step with torch.compile" if self.compiled else \
+            "capturing the decoding step as a CUDA graph"
         self.buckets = buckets(max_batch, exact=any(not layer.dense for layer in decoder.layers))
         self.graphs: dict[int, tuple] = {}  # bucket -> (graph, logits it writes)
         self.captures = 0  # graphs captured so far (re-captures after the cache grew included)
@@ -94,6 +98,12 @@ class GraphedDecoder:
         staged[1, :n] = torch.tensor(positions)
         staged[2, :n] = torch.tensor(starts)
         self._inputs[:, :b].copy_(staged[:, :b], non_blocking=True)
+        if self.compiled:
+            try:
+                return self.decoder.compiled_static_step()(*self._static_inputs(b), cache)[:n].clone()
+            except Exception as err:  # a compiler missing or failing: the same step eagerly, said once by the engine
+                self.failed = str(err).splitlines()[0] if str(err) else type(err).__name__
+                self.compiled = False
         if not self.capture:
             return self._step(b, cache)[:n].clone()
         if b not in self.graphs:
@@ -108,9 +118,11 @@ class GraphedDecoder:
         graph.replay()
         return logits[:n].clone()
 
+    def _static_inputs(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._inputs[0, :b], self._inputs[1, :b], self._inputs[2, :b]
+
     def _step(self, b: int, cache) -> torch.Tensor:
-        tokens, positions, at = self._inputs[0, :b], self._inputs[1, :b], self._inputs[2, :b]
-        return self.decoder.static_step(tokens, positions, at, cache)
+        return self.decoder.static_step(*self._static_inputs(b), cache)
 
     def _capture(self, b: int, cache) -> tuple:
         stream = torch.cuda.Stream()

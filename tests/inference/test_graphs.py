@@ -136,6 +136,42 @@ def test_a_capture_that_fails_is_said_once_and_decoding_goes_on_eagerly(monkeypa
     assert len(said) == 1 and "stream is capturing" in said[0] and "eagerly" in said[0]
 
 
+def test_the_compiled_cpu_step_decodes_what_the_eager_step_decodes():
+    """Engine(compile=True): the static step through torch.compile (float64, so rounding cannot flip a token),
+    one row (one compile: each takes many seconds) past the keep window, the cache growing between requests
+    (its capacity is a dynamic dimension: no recompile)."""
+    model = _model()
+    picked = [4, 5, 0]  # 6+3 tokens, 70+12 (outgrows the first cache), 9+14
+    eager = [_requests()[i] for i in picked]
+    Engine(model, max_batch=1).generate(eager)
+    compiled = [_requests()[i] for i in picked]
+    engine = Engine(model, max_batch=1, compile=True)
+    engine.generate(compiled)
+    assert engine.graphs is not None and engine.graphs.compiled and engine.graphs.failed is None
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+    for a, b in zip(compiled, eager):  # log-probabilities are fp32 (the logits are)
+        torch.testing.assert_close(a.token_logprobs, b.token_logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compile_that_fails_is_said_once_and_decoding_goes_on_eagerly(monkeypatch, caplog):
+    model = _model()
+    eager, _ = _run(model, graphs=False)
+    engine = Engine(model, max_batch=5, compile=True)
+
+    def broken():
+        def step(*args):
+            raise RuntimeError("InductorError: no C++ compiler found")
+        return step
+
+    monkeypatch.setattr(engine.decoder, "compiled_static_step", broken)
+    requests = _requests()
+    with caplog.at_level(logging.WARNING):
+        engine.generate(requests)
+    assert [r.token_ids for r in requests] == [r.token_ids for r in eager]
+    said = [r.message for r in caplog.records if "torch.compile" in r.message]
+    assert len(said) == 1 and "no C++ compiler" in said[0] and "eagerly" in said[0]
+
+
 def test_graphs_are_off_on_a_cpu_unless_asked_and_off_when_the_environment_says_so(monkeypatch):
     model = _model()
     assert Engine(model).graphs is None
