@@ -38,13 +38,14 @@ QUANTIZATIONS = ("int8",)  # --quantize: weight-only int8 linear layers (doge_cl
 
 
 def check_precision(dtype: str, quantize: str | None, device: str | None) -> None:
-    """One-line errors for ``--dtype`` / ``--quantize`` (and the device they would run on), before loading."""
+    """One-line errors for ``--device``, ``--dtype`` and ``--quantize``, before any file is read or model loaded."""
+    where = pick_device(device)
     if dtype not in PRECISIONS:
         raise DogeError(f"unknown --dtype {dtype!r}; choose {', '.join(PRECISIONS)} (auto keeps the model's own)")
     if quantize is not None:
         if quantize not in QUANTIZATIONS:
             raise DogeError(f"unknown --quantize {quantize!r}; choose {', '.join(QUANTIZATIONS)} or leave it out")
-        if pick_device(device) != "cpu":
+        if where != "cpu":
             raise DogeError(f"--quantize {quantize} runs on the CPU only (torch's int8 kernel); add --device cpu, "
                             "or use --dtype bf16 on a GPU")
 
