@@ -154,11 +154,29 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    """AdamW. Weight decay applies to matrices only: never to norms, biases, residual weights,
-    ``A`` or embeddings that are tied to the head's bias-free counterpart."""
+    """The optimizer: AdamW, or Muon for the blocks' hidden matrices with AdamW for everything else
+    (``doge_cli/train/optim.py`` lists which tensor gets which). Weight decay applies to matrices only:
+    never to norms, biases, residual weights or ``A``. Both parts follow ``schedule`` and are clipped
+    together by max_grad_norm."""
 
+    name: Literal["adamw", "muon"] = "adamw"
+    """adamw; or muon: torch.optim.Muon (orthogonalised Nesterov momentum) on the attention and MLP
+    matrices at muon_lr, AdamW at lr on the embeddings, head, norms, dynamic-mask parameters, router and
+    expert tables. Muon works on one process and under DDP; DeepSpeed and FSDP are refused."""
     lr: float = Field(8e-3, gt=0)
-    """Peak learning rate."""
+    """Peak learning rate (of AdamW's tensors, with optim.name muon)."""
+    muon_lr: float = Field(0.02, gt=0)
+    """optim.name muon: peak learning rate of the Muon matrices (scaled per matrix by muon_adjust_lr)."""
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    """optim.name muon: Muon's momentum."""
+    muon_nesterov: bool = True
+    """optim.name muon: Nesterov momentum."""
+    muon_ns_steps: int = Field(5, ge=1, le=20)
+    """optim.name muon: Newton-Schulz iterations per orthogonalisation."""
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    """optim.name muon: per-matrix rate scaling. original: × sqrt(max(1, rows/cols)) (Keller Jordan's
+    Muon); match_rms_adamw: × 0.2·sqrt(max(rows, cols)), which gives updates of AdamW's size so that
+    muon_lr can be an AdamW learning rate (Moonlight)."""
     weight_decay: float = Field(0.01, ge=0)
     """Decoupled weight decay for weight matrices."""
     beta1: float = Field(0.9, ge=0, lt=1)

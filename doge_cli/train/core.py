@@ -50,6 +50,7 @@ from doge_cli.train.allocator import keep_large_allocations
 from doge_cli.train.collective import gathers_weights_in_forward, stop_together
 from doge_cli.train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_loss_curve
 from doge_cli.train.objectives.base import Objective
+from doge_cli.train.optim import build_optimizer, describe_optimizer
 from doge_cli.train.schedules import lr_multiplier
 
 RUN_MARKER = "doge_run.json"
@@ -224,19 +225,6 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
 
 
-def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: never on norms, biases, residual weights or ``A``."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or name.endswith(".A") or "residual" in name or "norm" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _launcher_name(accelerator) -> str:
     kind = accelerator.distributed_type.value.lower()
     return "one process" if kind == "no" else kind.replace("multi_", "ddp/")
@@ -342,11 +330,13 @@ class Loop:
             preflight(cfg.hub.repo, what="hub.repo")  # offline, no token, a bad id: refused before training
         if cfg.runtime.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        fused = cfg.optim.fused if cfg.optim.fused is not None else acc.device.type == "cuda"
-        self._loaded = model, torch.optim.AdamW(
-            _decay_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-            eps=cfg.optim.eps, fused=fused,
-        )
+        optimizer = build_optimizer(model, cfg.optim, device_type=acc.device.type,
+                                    distributed_type=acc.distributed_type)
+        # The schedule scales each group's own peak (AdamW's lr, Muon's muon_lr); kept here, since loading
+        # an optimizer state replaces the groups' settings.
+        self.peak_lrs = [group["peak_lr"] for group in optimizer.param_groups]
+        self.notes.append(describe_optimizer(model, cfg.optim))
+        self._loaded = model, optimizer
         self._configure_deepspeed()
 
     def prepare(self) -> None:
@@ -532,8 +522,8 @@ class Loop:
         """One optimizer step: its micro-batches' loss sums divided by the step's targets on all processes."""
         cfg, acc, window = self.config, self.acc, self.window
         mult = lr_multiplier(step, total, cfg.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.optim.lr * mult
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
+            group["lr"] = peak * mult
         self.obj.step = step
         batches = self.obj.prepare_step(self.model, batches)
         local = sum(self.obj.count_targets(b) for b in batches)
@@ -700,6 +690,8 @@ class Loop:
             "step": step,
             "loss": float(loss_sum / targets.clamp(min=1)),
             "lr": self.config.optim.lr * lr_multiplier(step - 1, total, self.config.schedule),
+            **({"muon_lr": self.config.optim.muon_lr * lr_multiplier(step - 1, total, self.config.schedule)}
+               if self.config.optim.name == "muon" else {}),
             "grad_norm": float(self.grad_norm),
             "tokens_per_s": tokens / training,
             "mem_gb": peak_memory_gb(acc.device.type),

@@ -157,7 +157,7 @@ def test_yaml_round_trip(tmp_path):
 
 def test_explain_documents_every_key():
     text = to_yaml(resolve_config("grpo", size="20M", hardware="cpu"), explain=True)
-    assert "# Peak learning rate." in text
+    assert "# Peak learning rate (of AdamW's tensors, with optim.name muon)." in text
     assert "# Completions sampled per prompt (the group)." in text
     keys = [ln for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(("#", "-"))]
     lines = text.splitlines()

@@ -56,11 +56,12 @@ def test_loss_falls_and_final_loads_in_transformers(pt_data, tmp_path):
     assert out.shape[1] == ids.shape[1] + 5 or tok.eos_token_id in out[0].tolist()
 
 
-def test_resume_equals_straight_run(pt_any, tmp_path):
-    run(pt_any, tmp_path / "straight", steps=20)
-    part = run(pt_any, tmp_path / "resumed", steps=20, stop_after=10, **{"checkpoint.every": 5})
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_straight_run(pt_any, tmp_path, optimizer):
+    run(pt_any, tmp_path / "straight", steps=20, **{"optim.name": optimizer})
+    part = run(pt_any, tmp_path / "resumed", steps=20, stop_after=10, **{"checkpoint.every": 5, "optim.name": optimizer})
     assert part.final_dir is None and part.steps == 10
-    done = run(pt_any, tmp_path / "resumed", steps=20, resume="auto", **{"checkpoint.every": 5})
+    done = run(pt_any, tmp_path / "resumed", steps=20, resume="auto", **{"checkpoint.every": 5, "optim.name": optimizer})
     assert done.steps == 20
     assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
     a, b = weights(tmp_path / "straight" / "final"), weights(tmp_path / "resumed" / "final")
@@ -79,10 +80,18 @@ def test_accumulation_invariance(pt_data, tmp_path):
 
 def test_sigkill_then_resume_auto_matches(pt_any, tmp_path):
     """Kill -9 a real `doge train pt` mid-run (possibly mid-checkpoint), then --resume auto."""
-    straight = run(pt_any, tmp_path / "straight", steps=16)
+    sigkill_then_resume(pt_any, tmp_path)
+
+
+def test_sigkill_then_resume_auto_matches_with_muon(pt_data, tmp_path):
+    sigkill_then_resume(pt_data, tmp_path, **{"optim.name": "muon"})
+
+
+def sigkill_then_resume(pt_any, tmp_path, **extra):
+    straight = run(pt_any, tmp_path / "straight", steps=16, **extra)
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "doge_cli", "train", "pt", "--hardware", "cpu",
-            *tiny_overrides(pt_any, out, steps=16, **{"checkpoint.every": 2})]
+            *tiny_overrides(pt_any, out, steps=16, **{"checkpoint.every": 2, **extra})]
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoints" / "step-000006").exists():

@@ -204,11 +204,14 @@ def test_dpo_lifts_held_out_preference_accuracy(dpo_data, chat_root, tmp_path, r
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies"} <= set(logged[-1])
 
 
-def test_dpo_resume_equals_straight_run(dpo_data, chat_root, tmp_path):
-    run_stage("dpo", dpo_data, tmp_path / "straight", chat_root / "start", steps=6)
-    run_stage("dpo", dpo_data, tmp_path / "resumed", chat_root / "start", steps=6, stop_after=3, **{"checkpoint.every": 3})
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_dpo_resume_equals_straight_run(dpo_data, chat_root, tmp_path, optimizer):
+    opt = {"optim.name": optimizer}
+    run_stage("dpo", dpo_data, tmp_path / "straight", chat_root / "start", steps=6, **opt)
+    run_stage("dpo", dpo_data, tmp_path / "resumed", chat_root / "start", steps=6, stop_after=3,
+              **{"checkpoint.every": 3, **opt})
     run_stage("dpo", dpo_data, tmp_path / "resumed", chat_root / "start", steps=6, resume="auto",
-              **{"checkpoint.every": 3})
+              **{"checkpoint.every": 3, **opt})
     assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]
     a, b = final_weights(tmp_path / "straight" / "final"), final_weights(tmp_path / "resumed" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -339,9 +339,9 @@ def test_grpo_raises_held_out_format_reward(chat_root, tok, tmp_path):
     assert {"rewards/format/mean", "rewards/format/std", "completions/mean_length", "clip_ratio"} <= set(logged)
 
 
-@pytest.mark.parametrize("iterations", [1, 2])
-def test_grpo_resume_equals_straight_run(grpo_data, chat_root, tmp_path, iterations):
-    extra = {**FAST, "grpo.num_iterations": iterations, "grpo.beta": 0.04}
+@pytest.mark.parametrize("iterations,optimizer", [(1, "adamw"), (2, "adamw"), (2, "muon")])
+def test_grpo_resume_equals_straight_run(grpo_data, chat_root, tmp_path, iterations, optimizer):
+    extra = {**FAST, "grpo.num_iterations": iterations, "grpo.beta": 0.04, "optim.name": optimizer}
     run_stage("grpo", grpo_data, tmp_path / "straight", chat_root / "start", steps=4, **extra)
     # stop after step 3: with two iterations the resumed step reuses step 2's stored rollouts
     run_stage("grpo", grpo_data, tmp_path / "resumed", chat_root / "start", steps=4, stop_after=3,

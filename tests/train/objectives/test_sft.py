@@ -80,12 +80,14 @@ def test_sft_lowers_held_out_assistant_loss_and_exports(sft_data, chat_root, tmp
     assert tok.convert_tokens_to_ids("<|eot_id|>") in eos and gen.pad_token_id == tok.pad_token_id
 
 
-def test_sft_resume_equals_straight_run(sft_data, chat_root, tmp_path):
-    run_stage("sft", sft_data, tmp_path / "straight", chat_root / "start", steps=6)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sft_resume_equals_straight_run(sft_data, chat_root, tmp_path, optimizer):
+    opt = {"optim.name": optimizer}
+    run_stage("sft", sft_data, tmp_path / "straight", chat_root / "start", steps=6, **opt)
     run_stage("sft", sft_data, tmp_path / "resumed", chat_root / "start", steps=6, stop_after=3,
-              **{"checkpoint.every": 3})
+              **{"checkpoint.every": 3, **opt})
     run_stage("sft", sft_data, tmp_path / "resumed", chat_root / "start", steps=6, resume="auto",
-              **{"checkpoint.every": 3})
+              **{"checkpoint.every": 3, **opt})
     assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "resumed")]
     a, b = final_weights(tmp_path / "straight" / "final"), final_weights(tmp_path / "resumed" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
