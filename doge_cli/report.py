@@ -2,7 +2,7 @@
 
 Read from what the runs left behind, nothing re-computed: ``doge_run.json`` (stage, environment),
 ``config.yaml`` (the resolved config), ``metrics.jsonl`` (per logged window: loss, tokens, seconds,
-tokens/s, MFU, memory; eval loss), ``final/`` (the exported model: parameter count from its weights'
+tokens/s, MFU, memory; eval loss; the ``eval/<task>/<metric>`` figures of ``logging.eval_tasks``), ``final/`` (the exported model: parameter count from its weights'
 header) and the JSON files ``doge eval --output-dir`` writes. Stages are columns in the order given; a
 run folder that does not exist (a stage not run yet) is a column of "—", as is any figure a run did
 not record.
@@ -16,8 +16,10 @@ holds start-up and compilation); the losses are the last logged ones. An eval fi
 its ``model`` path ends in that run's ``final`` folder; other eval files get columns of their own.
 
 The report is Markdown (``--out``, default ``report.md``) with one PNG of every stage's loss curves
-beside it (``<out stem>_loss.png``); ``--html`` also writes a self-contained HTML page (the image
-inlined) next to it.
+beside it (``<out stem>_loss.png``) and, when a run evaluated tasks while it trained (``logging.eval_tasks``),
+one of their curves (``<out stem>_eval_tasks.png``: a panel per task metric, a line per run), whose last
+values are rows of the stages table; ``--html`` also writes a self-contained HTML page (the images inlined)
+next to it.
 """
 
 from __future__ import annotations
@@ -172,6 +174,17 @@ def _short(path: Path) -> str:
 # ------------------------------------------------------------------------------------------- figures
 
 
+def task_keys(runs: list[Run]) -> list[str]:
+    """The ``eval/<task>/<metric>`` figures any run logged while it trained (logging.eval_tasks), sorted."""
+    return sorted({k for run in runs for r in run.records for k, v in r.items()
+                   if k.startswith("eval/") and isinstance(v, (int, float))})
+
+
+def _task_label(key: str) -> str:
+    """``eval/arithmetic/em`` -> ``arithmetic em``."""
+    return " ".join(key.removeprefix("eval/").split("/", 1))
+
+
 def _later(records: list[dict], key: str) -> list[float]:
     values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
     return values[1:] or values
@@ -263,6 +276,14 @@ def stage_rows(runs: list[Run]) -> list[tuple[str, list[str]]]:
          f"{next((x['attention'] for x in r.records if 'attention' in x), _get(r.config, 'runtime.attn_implementation'))}"),
         ("started from", lambda r: _get(r.config, "init_from")),
     ]
+
+    def last_figure(key: str):
+        def get(run: Run):
+            values = [r[key] for r in run.records if isinstance(r.get(key), (int, float))]
+            return f"{values[-1]:.4g}" if values else None
+        return get
+
+    rows += [(f"in-training {_task_label(key)} (last)", last_figure(key)) for key in task_keys(runs)]
     return [(label, [cell(run, fn) for run in runs]) for label, fn in rows]
 
 
@@ -337,6 +358,42 @@ def plot_losses(runs: list[Run], out_png: Path) -> bool:
     return True
 
 
+def plot_eval_tasks(runs: list[Run], out_png: Path) -> bool:
+    """One panel per in-training task metric (logging.eval_tasks), a line per run that logged it; False when
+    no run did."""
+    keys = task_keys(runs)
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from doge_cli.io import atomic_file
+
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        for run in runs:
+            points = [(r["step"], r[key]) for r in run.records if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=run.label)
+        ax.set_title(_task_label(key), fontsize=9)
+        if "perplexity" in key:
+            ax.set_yscale("log")  # word perplexity spans orders of magnitude early in a run
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return True
+
+
 def build(run_dirs: list[Path], eval_paths: list[Path], labels: list[str] | None = None) -> list[Run]:
     if not run_dirs:
         raise DogeError("give at least one run folder, e.g. doge report runs/pt runs/sft")
@@ -355,7 +412,7 @@ def _md_table(header: list[str], rows: list[tuple[str, list[str]]]) -> list[str]
     return lines
 
 
-def render_markdown(runs: list[Run], image: str | None, created: str) -> str:
+def render_markdown(runs: list[Run], image: str | None, created: str, tasks_image: str | None = None) -> str:
     given = [r for r in runs if r.given]
     header = ["", *(r.label for r in given)]
     lines = ["# doge report", "", f"Written {created} from {len([r for r in runs if r.exists])} run folder(s).", "",
@@ -368,10 +425,12 @@ def render_markdown(runs: list[Run], image: str | None, created: str) -> str:
         ["No `doge eval` results were given (`--eval DIR`)."]
     if image:
         lines += ["", "## Loss curves", "", f"![loss curves]({image})"]
+    if tasks_image:
+        lines += ["", "## Evaluation during training", "", f"![in-training evaluation]({tasks_image})"]
     return "\n".join(lines) + "\n"
 
 
-def render_html(runs: list[Run], png: Path | None, created: str) -> str:
+def render_html(runs: list[Run], png: Path | None, created: str, tasks_png: Path | None = None) -> str:
     def table(header: list[str], rows) -> str:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -389,6 +448,10 @@ def render_html(runs: list[Run], png: Path | None, created: str) -> str:
     if png is not None:
         data = base64.b64encode(png.read_bytes()).decode()
         parts.append(f'<h2>Loss curves</h2><img alt="loss curves" src="data:image/png;base64,{data}">')
+    if tasks_png is not None:
+        data = base64.b64encode(tasks_png.read_bytes()).decode()
+        parts.append('<h2>Evaluation during training</h2><img alt="in-training evaluation" '
+                     f'src="data:image/png;base64,{data}">')
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:80em}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}"
              "img{max-width:100%}")
@@ -414,7 +477,8 @@ def write_report(run_dirs: list[Path], out: Path, *, eval_paths: list[Path] = ()
         return text.startswith("# doge report") if path.suffix == ".md" else "<title>doge report</title>" in text
 
     png, page = out.with_name(out.stem + "_loss.png"), out.with_suffix(".html")
-    for target in (out, png, *([page] if as_html else [])):
+    tasks_png = out.with_name(out.stem + "_eval_tasks.png")
+    for target in (out, png, tasks_png, *([page] if as_html else [])):
         check_file_target(target, is_ours=ours, what="report file")
     runs = build(run_dirs, list(eval_paths), labels)
     created = time.strftime("%Y-%m-%d %H:%M %Z")
@@ -422,9 +486,14 @@ def write_report(run_dirs: list[Path], out: Path, *, eval_paths: list[Path] = ()
     has_png = plot_losses(runs, png)
     if has_png:
         written.append(png)
-    write_text_atomic(out, render_markdown(runs, png.name if has_png else None, created))
+    has_tasks = plot_eval_tasks(runs, tasks_png)
+    if has_tasks:
+        written.append(tasks_png)
+    write_text_atomic(out, render_markdown(runs, png.name if has_png else None, created,
+                                           tasks_png.name if has_tasks else None))
     written.insert(0, out)
     if as_html:
-        write_text_atomic(page, render_html(runs, png if has_png else None, created))
+        write_text_atomic(page, render_html(runs, png if has_png else None, created,
+                                            tasks_png if has_tasks else None))
         written.append(page)
     return written

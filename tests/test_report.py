@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import save_file
 
 from doge_cli.errors import DogeError
-from doge_cli.report import build, render_markdown, write_report
+from doge_cli.report import build, plot_eval_tasks, render_markdown, write_report
 from tests.cli.helpers import run_doge
 
 GOLDEN = Path(__file__).parent / "golden" / "report.md"
@@ -211,3 +211,30 @@ def test_the_html_page_shows_markup_from_runs_and_evals_as_text(pipeline):
     for shown in ("&lt;script&gt;alert('hw')&lt;/script&gt; &amp; co", "&lt;b&gt;task&lt;/b&gt;",
                   "&lt;i&gt;metric&lt;/i&gt;"):
         assert shown in text, shown
+
+
+def test_in_training_task_figures_get_a_curve_each_and_their_last_value(pipeline, capsys):
+    """logging.eval_tasks logs eval/<task>/<metric> at some steps: one panel per metric, a line per run that
+    logged it, and the last value in the stages table."""
+    root, runs, evals = pipeline
+    for run, figures in ((runs[0], {10: 0.0, 30: 0.5}), (runs[1], {10: 0.25})):
+        logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for record in logged:
+            if record["step"] in figures:
+                record.update({"eval/arithmetic/em": figures[record["step"]], "eval_tasks_s": 1.5})
+                if run == runs[0]:
+                    record["eval/heldout-ppl/bits_per_byte"] = 3.0 - record["step"] / 100
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
+    out = root / "report.md"
+    code, stdout, err = run_doge(capsys, "report", *map(str, runs), "--out", str(out), "--html")
+    assert code == 0, err
+    curves = root / "report_eval_tasks.png"
+    assert f"wrote {curves}" in stdout and curves.read_bytes()[:4] == b"\x89PNG"
+    text = out.read_text()
+    assert "## Evaluation during training" in text and "![in-training evaluation](report_eval_tasks.png)" in text
+    stages = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+              for line in text.split("## Stages")[1].split("## Evaluation")[0].splitlines() if line.startswith("| ")}
+    assert stages["in-training arithmetic em (last)"] == ["0.5", "0.25", "—"]
+    assert stages["in-training heldout-ppl bits_per_byte (last)"] == ["2.7", "—", "—"]
+    assert (root / "report.html").read_text().count("data:image/png;base64,") == 2
+    assert not plot_eval_tasks(build(runs, [])[2:], root / "none.png") and not (root / "none.png").exists()

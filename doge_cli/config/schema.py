@@ -281,6 +281,47 @@ class LoggingConfig(Section):
     """Generate a short sample from sample_prompt every this many steps; 0 never."""
     sample_prompt: str = "Once upon a time"
     """Prompt for the periodic samples."""
+    eval_tasks: list[str] = []
+    """Downstream tasks to run while training, named as ``doge eval --tasks`` names them: the builtin offline
+    tasks (heldout-ppl, chatterbot-mc, arithmetic), the stage tasks (sft-loss, chat-mc, preference,
+    math-reward), a group (builtin, stages) or a hub task (needs the network). They run in-process on the model
+    being trained (on the main process; on every process under ZeRO-3 and FSDP, whose forwards are
+    collective), every eval_tasks_every steps and at the last step, on the first eval_tasks_max_samples
+    examples of each task, in batches of runtime.micro_batch_size; chat stages (sft, dpo, grpo) ask in the
+    chat template (as doge eval --chat-template), pretraining does not. Each figure goes to metrics.jsonl and
+    the trackers as eval/<task>/<metric> (the metric names of doge eval's results, without their standard
+    errors), the seconds taken as eval_tasks_s (left out of tokens/s and MFU); doge report draws them. Unknown
+    names are refused when the config is read, missing data before training starts. Empty: none."""
+    eval_tasks_every: NonNegInt = 500
+    """Run eval_tasks every this many optimizer steps, and always at the last step; 0: only at the last step."""
+    eval_tasks_max_samples: PositiveInt = 50
+    """Examples per task at each run of eval_tasks (the first ones of each held-out set, the same every time, as
+    doge eval --max-samples). At 50 the builtin tasks take about 1.5 s a time in the quickstart pretraining run on a
+    2-core CPU, under 10% of its time even every 100 steps (its eval_every); lighteval's import adds about 5 s
+    once, before training starts."""
+    eval_tasks_datasets_dir: str = "./datasets"
+    """Folder whose eval/ (builtin tasks) and merged/ (stage tasks) hold the held-out sets eval_tasks read, as
+    doge eval --datasets-dir (written by doge data download --recipe quickstart and doge data merge)."""
+
+    @field_validator("eval_tasks", mode="before")
+    @classmethod
+    def _one_task_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # eval_tasks=builtin or eval_tasks=a,b
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _known_tasks(cls, value: list[str]) -> list[str]:
+        from doge_cli.errors import DogeError
+        from doge_cli.eval.tasks import expand_task_names
+
+        if value:
+            try:
+                names = expand_task_names(value)
+            except DogeError as err:
+                raise ValueError(str(err)) from None
+            if not names:
+                raise ValueError("names no task; give task names or groups, or [] for none")
+        return value
 
 
 class CheckpointConfig(Section):

@@ -11,7 +11,8 @@ How each request type is scored:
   of history (lighteval's transformers backend truncates long documents instead).
 - ``greedy_until`` (generation): greedy decoding until an end-of-turn id or the task's stop
   sequence. An R1 model's reply is reduced to its ``<|begin_of_solution|>`` section, so exact match
-  compares answers, not reasoning.
+  compares answers, not reasoning. ``stop_together`` (a training run under ZeRO-3 or FSDP, where every
+  forward is collective) makes each batch run until every process is done with it.
 
 Without a chat template, prompts start with the BOS token, as rendered conversations do.
 """
@@ -48,8 +49,9 @@ class DogeModelConfig(ModelConfig):
 
 class DogeLightevalModel(LightevalModel):
     def __init__(self, model, tokenizer, *, name: str, batch_size: int = 8, use_chat_template: bool = False,
-                 system_prompt: str | None = None, max_length: int | None = None):
+                 system_prompt: str | None = None, max_length: int | None = None, stop_together=None):
         self.model, self._tokenizer = model, tokenizer
+        self.stop_together = stop_together
         self.config = DogeModelConfig(model_name=name, system_prompt=system_prompt)
         self.batch_size = batch_size
         self.use_chat_template = use_chat_template
@@ -172,7 +174,8 @@ class DogeLightevalModel(LightevalModel):
                 mask[j, width - len(row):] = 1
             n = max(docs[i].num_samples or 1 for i in batch)
             out = generate(self.model, ids, mask, max_new_tokens=new_tokens, do_sample=n > 1, temperature=1.0,
-                           stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, num_return_sequences=n)
+                           stop_token_ids=self.stop_ids, pad_token_id=self.pad_id, num_return_sequences=n,
+                           stop_together=self.stop_together)
             for j, i in enumerate(batch):
                 texts = []
                 for r in range(n):

@@ -101,7 +101,8 @@ def _baseline(pipeline, tokenizer) -> dict:
 
 
 def _run_pipeline(lm, tok, model: str, configs: list, names: list[str], *, num_fewshot: int,
-                  max_samples: int | None, batch_size: int, use_chat_template: bool, system_prompt: str | None):
+                  max_samples: int | None, batch_size: int, use_chat_template: bool, system_prompt: str | None,
+                  stop_together: Callable[[bool], bool] | None = None):
     """lighteval's Pipeline on the loaded model, with only ``configs`` registered; returns
     ``(pipeline, final results)``. Autograd is as it was afterwards (see ``lighteval_patches``)."""
     import tempfile
@@ -116,7 +117,8 @@ def _run_pipeline(lm, tok, model: str, configs: list, names: list[str], *, num_f
     from doge_cli.eval.lighteval_model import DogeLightevalModel
 
     wrapped = DogeLightevalModel(lm, tok, name=model_slug(model), batch_size=batch_size,
-                                 use_chat_template=use_chat_template, system_prompt=system_prompt)
+                                 use_chat_template=use_chat_template, system_prompt=system_prompt,
+                                 stop_together=stop_together)
     # Perplexity has no few-shot form; every other task takes --num-fewshot.
     spec = ",".join(f"{c.name}|{0 if c.name == 'heldout-ppl' else num_fewshot}" for c in configs)
     params = PipelineParameters(launcher_type=ParallelismManager.NONE, max_samples=max_samples)
@@ -152,7 +154,6 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     ``max_new_tokens`` caps the replies of the generative stage task (math-reward); by default 256, or
     half the model's context when that is shorter (said once through ``log``).
     """
-    from doge_cli.eval.stages import MATH_MAX_NEW_TOKENS, STAGE_TASKS, run_stage_task
     from doge_cli.eval.tasks import expand_task_names, task_configs
 
     check_settings(num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size)
@@ -172,7 +173,7 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         raise DogeError(f"the tokenizer of {model} has no chat template; drop --chat-template or pass --tokenizer")
 
     if "math-reward" in names:
-        max_new_tokens = _reply_budget(max_new_tokens, lm.config.max_position_embeddings, MATH_MAX_NEW_TOKENS, log)
+        max_new_tokens = reply_budget(max_new_tokens, lm.config.max_position_embeddings, log)
     ref_model = None
     if reference is not None and "preference" in names:
         log(f"loading the reference {reference}")
@@ -180,21 +181,10 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
                                                 quantize=quantize)
 
     started = time.perf_counter()
-    found: dict = {}
-    baselines: dict = {}
-    if configs:
-        lighteval_names = [n for n in names if n not in STAGE_TASKS]
-        log(f"importing lighteval and running {', '.join(lighteval_names)}")
-        pipeline, final = _run_pipeline(lm, tok, model, configs, lighteval_names, num_fewshot=num_fewshot,
-                                        max_samples=max_samples, batch_size=batch_size,
-                                        use_chat_template=use_chat_template, system_prompt=system_prompt)
-        found.update(_task_results(final))
-        baselines = _baseline(pipeline, tok)
-    for name in (n for n in names if n in STAGE_TASKS):
-        log(f"running {name}")
-        found[name] = run_stage_task(name, lm, tok, datasets_dir=Path(datasets_dir), max_samples=max_samples,
-                                     batch_size=batch_size, reference=ref_model,
-                                     max_new_tokens=max_new_tokens or MATH_MAX_NEW_TOKENS, log=log)
+    found = evaluate_loaded(lm, tok, names, configs, name=model, datasets_dir=Path(datasets_dir),
+                            num_fewshot=num_fewshot, max_samples=max_samples, batch_size=batch_size,
+                            use_chat_template=use_chat_template, system_prompt=system_prompt, reference=ref_model,
+                            max_new_tokens=max_new_tokens, log=log)
     from importlib.metadata import version
 
     from doge_cli import __version__
@@ -209,8 +199,8 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
         "precision": describe_precision(lm),
         "seconds": round(time.perf_counter() - started, 2),
         "versions": {"doge": __version__, "lighteval": version("lighteval")},
-        "tasks": _in_order(found, names),
-        "baselines": baselines,
+        "tasks": found["tasks"],
+        "baselines": found["baselines"],
     }
     if ref_model is not None:
         results["reference"] = reference
@@ -220,9 +210,52 @@ def evaluate(model: str, *, tasks: list[str] | None = None, num_fewshot: int = 0
     return results
 
 
-def _reply_budget(asked: int | None, context: int, default: int, log: Callable[[str], None]) -> int:
+def evaluate_loaded(lm, tok, names: list[str], configs: list, *, name: str, datasets_dir: Path, num_fewshot: int = 0,
+                    max_samples: int | None = None, batch_size: int = 8, use_chat_template: bool = False,
+                    system_prompt: str | None = None, reference=None, max_new_tokens: int | None = None,
+                    stop_together: Callable[[bool], bool] | None = None,
+                    log: Callable[[str], None] = lambda _m: None) -> dict:
+    """Run already expanded task ``names`` on a loaded model ``lm`` and its tokenizer ``tok``: what
+    :func:`evaluate` does once the model is loaded, and what a training run does in-process
+    (``logging.eval_tasks``).
+
+    ``configs`` are the lighteval configs of ``names`` (:func:`doge_cli.eval.tasks.task_configs`), ``name``
+    names the model in lighteval's records and messages, ``reference`` is a loaded reference model for the
+    ``preference`` task, ``max_new_tokens`` caps math-reward's replies (:func:`reply_budget` by default),
+    and ``stop_together`` (:func:`doge_cli.train.collective.stop_together`) keeps generation in step
+    across processes whose forwards are collective. The model's train/eval mode and the autograd mode are
+    the caller's to set. Returns ``{"tasks": {task: {metric: value}} in the order asked (family means
+    added), "baselines": {...}}``, as in the results file.
+    """
+    from doge_cli.eval.stages import MATH_MAX_NEW_TOKENS, STAGE_TASKS, run_stage_task
+
+    found: dict = {}
+    baselines: dict = {}
+    if configs:
+        lighteval_names = [n for n in names if n not in STAGE_TASKS]
+        log(f"importing lighteval and running {', '.join(lighteval_names)}")
+        pipeline, final = _run_pipeline(lm, tok, name, configs, lighteval_names, num_fewshot=num_fewshot,
+                                        max_samples=max_samples, batch_size=batch_size,
+                                        use_chat_template=use_chat_template, system_prompt=system_prompt,
+                                        stop_together=stop_together)
+        found.update(_task_results(final))
+        baselines = _baseline(pipeline, tok)
+    budget = reply_budget(max_new_tokens, lm.config.max_position_embeddings, log) if "math-reward" in names \
+        else MATH_MAX_NEW_TOKENS
+    for task in (n for n in names if n in STAGE_TASKS):
+        log(f"running {task}")
+        found[task] = run_stage_task(task, lm, tok, datasets_dir=Path(datasets_dir), max_samples=max_samples,
+                                     batch_size=batch_size, reference=reference, max_new_tokens=budget,
+                                     log=log, stop_together=stop_together)
+    return {"tasks": _in_order(found, names), "baselines": baselines}
+
+
+def reply_budget(asked: int | None, context: int, log: Callable[[str], None]) -> int:
     """math-reward's longest reply: ``asked`` when the context leaves room for a prompt (DogeError before any
-    task runs otherwise), else the default capped at half the context."""
+    task runs otherwise), else ``MATH_MAX_NEW_TOKENS`` capped at half the context (said through ``log``)."""
+    from doge_cli.eval.stages import MATH_MAX_NEW_TOKENS
+
+    default = MATH_MAX_NEW_TOKENS
     if asked is not None:
         if asked >= context:
             raise DogeError(f"--max-new-tokens {asked} leaves no room for a prompt in the model's {context}-token "

@@ -38,6 +38,11 @@ from pathlib import Path
 from doge_cli.errors import DogeError
 
 STAGE_TASKS = {"sft-loss": "sft", "chat-mc": None, "preference": "dpo", "math-reward": "grpo"}
+# The columns each task reads from its stage's merged test split (chat-mc reads the builtin chatterbot set).
+SPLIT_COLUMNS = {"sft-loss": ("input_ids", "labels"),
+                 "preference": ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
+                 "math-reward": ("prompt", "answer")}
+CHAT_TASKS = ("chat-mc", "math-reward")  # asked in the chat format: the tokenizer needs a chat template
 MATH_MAX_NEW_TOKENS = 256
 SAMPLED_TEMPERATURE = 0.7
 SAMPLED_SEED = 0
@@ -64,14 +69,15 @@ def _ratio_stderr(sums: list[float], counts: list[int]) -> float:
     return math.sqrt(k / (k - 1) * spread) / total
 
 
-def _split(datasets_dir: Path, stage: str, task: str, columns: tuple[str, ...], max_samples: int | None, tok):
+def _split(datasets_dir: Path, stage: str, task: str, columns: tuple[str, ...], max_samples: int | None, tok,
+           setting: str = "--datasets-dir"):
     """The test split of ``<datasets_dir>/merged/<stage>``, checked against the model's tokenizer."""
     import datasets
 
     path = Path(datasets_dir) / "merged" / stage
     if not (path / "dataset_dict.json").is_file():
         raise DogeError(f"task {task} needs the held-out split of {path}; run `doge data merge --stage {stage} "
-                        f"--datasets-dir {datasets_dir} --test-examples 100` (or pass --datasets-dir)")
+                        f"--datasets-dir {datasets_dir} --test-examples 100` (or pass {setting})")
     data = datasets.load_from_disk(str(path))
     if "test" not in data:
         raise DogeError(f"{path} has no test split for task {task}; merge it again with --test-examples 100")
@@ -103,7 +109,7 @@ def _check_tokenizer(path: Path, tok, task: str) -> None:
 def sft_loss(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int, **_) -> dict:
     from doge_cli.eval.sft_loss import assistant_token_loss
 
-    split = _split(datasets_dir, "sft", "sft-loss", ("input_ids", "labels"), max_samples, tok)
+    split = _split(datasets_dir, "sft", "sft-loss", SPLIT_COLUMNS["sft-loss"], max_samples, tok)
     _check_ids(split["input_ids"], lm, "sft-loss")
     rows = assistant_token_loss(lm, split, batch_size=batch_size, per_row=True)
     return {"loss": rows["loss"], "loss_stderr": _ratio_stderr(rows["row_sums"], rows["row_tokens"]),
@@ -159,8 +165,7 @@ def _cut_pairs(lm, pairs: list[tuple[list[int], list[int]]], task: str, what: st
 
 def preference(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int, reference=None,
                log: Callable[[str], None] = lambda _m: None, **_) -> dict:
-    split = _split(datasets_dir, "dpo", "preference", ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
-                   max_samples, tok)
+    split = _split(datasets_dir, "dpo", "preference", SPLIT_COLUMNS["preference"], max_samples, tok)
     prompts, chosen, rejected = (list(map(list, split[c])) for c in
                                  ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
     _check_ids(prompts + chosen + rejected, lm, "preference")
@@ -192,12 +197,8 @@ def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: in
 
     from doge_cli.chat_format import prompt_ids
 
-    path = Path(datasets_dir) / "eval" / "chatterbot-mc" / "test.jsonl"
-    if not path.is_file():
-        raise DogeError(f"task chat-mc needs {path}; run `doge data download --recipe quickstart --save-dir "
-                        f"{datasets_dir}` or pass --datasets-dir")
-    if not tok.chat_template:
-        raise DogeError("task chat-mc asks in the chat format, but the model's tokenizer has no chat template")
+    path = _chatterbot_set(datasets_dir)
+    _check_chat_template(tok, "chat-mc")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if max_samples is not None:
         rows = rows[:max_samples]
@@ -228,7 +229,8 @@ def chat_mc(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: in
 
 
 def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size: int,
-                max_new_tokens: int = MATH_MAX_NEW_TOKENS, log: Callable[[str], None] = lambda _m: None, **_) -> dict:
+                max_new_tokens: int = MATH_MAX_NEW_TOKENS, log: Callable[[str], None] = lambda _m: None,
+                stop_together: Callable[[bool], bool] | None = None, **_) -> dict:
     import torch
 
     from doge_cli.chat_format import prompt_ids, stop_ids
@@ -236,9 +238,8 @@ def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size
     from doge_cli.train.objectives.lm import pad_left
     from doge_cli.train.objectives.rewards import accuracy_reward, format_reward
 
-    split = _split(datasets_dir, "grpo", "math-reward", ("prompt", "answer"), max_samples, tok)
-    if not tok.chat_template:
-        raise DogeError("task math-reward asks in the chat format, but the model's tokenizer has no chat template")
+    split = _split(datasets_dir, "grpo", "math-reward", SPLIT_COLUMNS["math-reward"], max_samples, tok)
+    _check_chat_template(tok, "math-reward")
     prompts = [prompt_ids(tok, list(p)) for p in split["prompt"]]
     answers = [str(a) for a in split["answer"]]
     limit = lm.config.max_position_embeddings - max_new_tokens
@@ -271,7 +272,8 @@ def math_reward(lm, tok, datasets_dir: Path, max_samples: int | None, batch_size
             with torch.no_grad():
                 result = generate(lm, ids.to(lm.device), mask.to(lm.device), max_new_tokens=max_new_tokens,
                                   do_sample=sample, temperature=SAMPLED_TEMPERATURE, stop_token_ids=stops,
-                                  pad_token_id=pad, num_return_sequences=per_prompt, generator=gen)
+                                  pad_token_id=pad, num_return_sequences=per_prompt, generator=gen,
+                                  stop_together=stop_together)
             for request in result.requests:
                 new = list(request.token_ids)
                 if new and new[-1] in stops:
@@ -301,8 +303,36 @@ RUNNERS: dict[str, Callable[..., dict]] = {
 
 def run_stage_task(name: str, lm, tok, *, datasets_dir: Path, max_samples: int | None, batch_size: int,
                    reference=None, max_new_tokens: int = MATH_MAX_NEW_TOKENS,
-                   log: Callable[[str], None] = lambda _m: None) -> dict:
+                   log: Callable[[str], None] = lambda _m: None,
+                   stop_together: Callable[[bool], bool] | None = None) -> dict:
     """The metrics of stage task ``name`` for the loaded model ``lm`` (module docstring); what had to be cut
-    or left out to fit the model's context is said through ``log`` and counted in the result."""
+    or left out to fit the model's context is said through ``log`` and counted in the result.
+    ``stop_together`` (:func:`doge_cli.train.collective.stop_together`) keeps math-reward's generation in step
+    with the other processes where forwards are collective (ZeRO-3, FSDP)."""
     return RUNNERS[name](lm, tok, Path(datasets_dir), max_samples, batch_size, reference=reference,
-                         max_new_tokens=max_new_tokens, log=log)
+                         max_new_tokens=max_new_tokens, log=log, stop_together=stop_together)
+
+
+def check_stage_task(name: str, tok, datasets_dir: Path, setting: str = "--datasets-dir") -> None:
+    """What stage task ``name`` needs before any model runs: its held-out data (present, with its columns,
+    tokenized with ``tok``'s vocabulary) and, for the chat tasks, a chat template; DogeError otherwise, naming
+    ``setting`` as the way to point at another datasets folder."""
+    if name in SPLIT_COLUMNS:
+        _split(Path(datasets_dir), STAGE_TASKS[name], name, SPLIT_COLUMNS[name], 1, tok, setting)
+    if name == "chat-mc":
+        _chatterbot_set(Path(datasets_dir), setting)
+    if name in CHAT_TASKS:
+        _check_chat_template(tok, name)
+
+
+def _chatterbot_set(datasets_dir: Path, setting: str = "--datasets-dir") -> Path:
+    path = Path(datasets_dir) / "eval" / "chatterbot-mc" / "test.jsonl"
+    if not path.is_file():
+        raise DogeError(f"task chat-mc needs {path}; run `doge data download --recipe quickstart --save-dir "
+                        f"{datasets_dir}` or pass {setting}")
+    return path
+
+
+def _check_chat_template(tok, task: str) -> None:
+    if not tok.chat_template:
+        raise DogeError(f"task {task} asks in the chat format, but the model's tokenizer has no chat template")

@@ -133,8 +133,9 @@ def _staged(jsonl: Path) -> Path:
     return stage
 
 
-def builtin_config(name: str, datasets_dir: Path):
-    """The LightevalTaskConfig of builtin task ``name`` on ``<datasets_dir>/eval/<set>/test.jsonl``."""
+def builtin_config(name: str, datasets_dir: Path, setting: str = "--datasets-dir"):
+    """The LightevalTaskConfig of builtin task ``name`` on ``<datasets_dir>/eval/<set>/test.jsonl``; a missing
+    file is a DogeError naming ``setting`` as the way to point at another datasets folder."""
     from lighteval.metrics.metrics import Metrics
     from lighteval.tasks.lighteval_task import LightevalTaskConfig
 
@@ -142,7 +143,7 @@ def builtin_config(name: str, datasets_dir: Path):
     folder = (Path(datasets_dir) / "eval" / task.folder).resolve()
     if not (folder / "test.jsonl").is_file():
         raise DogeError(f"builtin task {name} needs {folder}/test.jsonl; run `doge data download --recipe "
-                        f"quickstart --save-dir {datasets_dir}` or pass --datasets-dir")
+                        f"quickstart --save-dir {datasets_dir}` or pass {setting}")
     common = dict(name=name, hf_repo=str(_staged(folder / "test.jsonl")), hf_subset="default", hf_avail_splits=["test"],
                   evaluation_splits=["test"], few_shots_split="test", few_shots_select="random", version=0)
     if name == "heldout-ppl":
@@ -169,9 +170,10 @@ def hub_configs(name: str) -> list:
     return configs
 
 
-def task_configs(names: list[str], datasets_dir: Path) -> list:
+def task_configs(names: list[str], datasets_dir: Path, setting: str = "--datasets-dir") -> list:
     """lighteval configs for already expanded ``names`` (stage tasks run outside lighteval and have none);
-    hub tasks need the hub (DogeError when offline)."""
+    hub tasks need the hub (DogeError when offline); ``setting`` is what a missing-data error tells the user
+    to change (``doge eval``'s flag, or the training config's key)."""
     from doge_cli.offline import hub_offline
 
     hub = [n for n in names if n in HUB_TASKS]
@@ -183,5 +185,5 @@ def task_configs(names: list[str], datasets_dir: Path) -> list:
     for name in names:
         if name in STAGE_TASKS:
             continue
-        configs.extend([builtin_config(name, datasets_dir)] if name in BUILTIN_TASKS else hub_configs(name))
+        configs.extend([builtin_config(name, datasets_dir, setting)] if name in BUILTIN_TASKS else hub_configs(name))
     return configs

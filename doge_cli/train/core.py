@@ -20,8 +20,9 @@ module owns what makes runs correct and repeatable:
 - **No host/device synchronisation per step** except on logging steps (loss, grad norm and
   finiteness are kept as device tensors until then).
 
-Reading order: :func:`train` → :meth:`Loop.load` → :meth:`Loop.prepare` → :meth:`Loop.restore` → :meth:`Loop.open_run_dir`
-→ :meth:`Loop.run` (:meth:`Loop.train_step`, :meth:`Loop.after_step`) → :meth:`Loop.finish`.
+Reading order: :func:`train` → :meth:`Loop.load` → :meth:`Loop.check_eval_tasks` → :meth:`Loop.prepare`
+→ :meth:`Loop.restore` → :meth:`Loop.open_run_dir` → :meth:`Loop.run` (:meth:`Loop.train_step`,
+:meth:`Loop.after_step`) → :meth:`Loop.finish`.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from doge_cli.config.schema import StageConfig
 from doge_cli.errors import DogeError
 from doge_cli.io import write_text_atomic
 from doge_cli.train import checkpoint as ckpt
-from doge_cli.train import trackers
+from doge_cli.train import eval_tasks, trackers
 from doge_cli.train.allocator import keep_large_allocations
 from doge_cli.train.collective import gathers_weights_in_forward, stop_together
 from doge_cli.train.metrics import MetricsLogger, peak_flops, peak_memory_gb, plot_loss_curve
@@ -123,6 +124,7 @@ def train(config: StageConfig, objective: Objective, *, resume: str | None = Non
         if hardware_note is not None:
             loop.notes.append(hardware_note)
         agree(state, loop.load)
+        agree(state, loop.check_eval_tasks)
         loop.prepare()
         loop.restore(resume)
         loop.open_run_dir(replace=replace)
@@ -304,6 +306,8 @@ class Loop:
         self.notes: list[str] = []  # said once at the start of the run (console and log): hardware, attention
         self.frozen_in_warmup: list[torch.nn.Parameter] = []  # what train.moe_warmup_steps keeps still
         self._logged_attention: str | None = None  # the backend named in metrics.jsonl so far
+        self.task_eval: eval_tasks.TaskEvaluation | None = None  # logging.eval_tasks, checked by check_eval_tasks
+        self._said: set[str] = set()  # messages of the in-training evaluation said so far (each is said once)
 
     def say(self, text: str) -> None:
         if self.acc.is_main_process:
@@ -338,6 +342,13 @@ class Loop:
         self.notes.append(describe_optimizer(model, cfg.optim))
         self._loaded = model, optimizer
         self._configure_deepspeed()
+
+    def check_eval_tasks(self) -> None:
+        """``logging.eval_tasks``: everything its tasks need, checked with the run's tokenizer before anything
+        is written (a missing datasets folder fails here, not at the first evaluation)."""
+        self.task_eval = eval_tasks.prepare(self.config, self.obj.tokenizer)
+        if self.task_eval is not None:
+            self.notes.append(self.task_eval.describe())
 
     def prepare(self) -> None:
         """The distribution wrappers (DDP/DeepSpeed/FSDP) and the objective's reference models."""
@@ -563,7 +574,8 @@ class Loop:
         cfg = self.config.logging
         eval_due = bool((cfg.eval_every and step % cfg.eval_every == 0) or step == total)
         sample_due = bool(cfg.sample_every and step % cfg.sample_every == 0)
-        if step % cfg.log_every == 0 or step == total or eval_due or sample_due:
+        tasks_due = self.task_eval is not None and self.task_eval.due(step, total)
+        if step % cfg.log_every == 0 or step == total or eval_due or sample_due or tasks_due:
             record = self._log_record(step, total)
             attention = getattr(self.module, "attn_implementation", None)
             if attention != self._logged_attention:  # the first record, and any later change of backend
@@ -579,6 +591,8 @@ class Loop:
                     record.update(eval_loss=self.eval_loss, eval_ppl=math.exp(min(self.eval_loss, 50)))
             if sample_due:
                 record["sample"] = self.sample()
+            if tasks_due:
+                record.update(self.evaluate_tasks(step))
             self.window["paused_s"] += time.perf_counter() - paused
             self.logger.log(record)
         every = self.config.checkpoint.every
@@ -776,6 +790,28 @@ class Loop:
             model.train()
             text = tok.decode(out.new_tokens[0, :int(out.lengths[0])], skip_special_tokens=True)
         return text
+
+    def evaluate_tasks(self, step: int) -> dict[str, float]:
+        """``logging.eval_tasks`` on the model as it is now: its ``eval/<task>/<metric>`` figures and
+        ``eval_tasks_s``, the seconds they took (on the main process; the others' figures are dropped)."""
+        acc = self.acc
+        collective = gathers_weights_in_forward(acc)
+        if not (acc.is_main_process or collective):  # under ZeRO-3/FSDP every process takes part in each forward
+            return {}
+        started = time.perf_counter()
+        figures = self.task_eval.run(self.module, self.obj.tokenizer, acc, stop_together=stop_together(acc),
+                                     log=self._say_once)
+        seconds = time.perf_counter() - started
+        if not acc.is_main_process:
+            return {}
+        self.logger.message(f"eval tasks at step {step} ({seconds:.1f} s): "
+                            + ", ".join(f"{key.removeprefix('eval/')} {value:.4g}" for key, value in figures.items()))
+        return {**figures, "eval_tasks_s": seconds}
+
+    def _say_once(self, text: str) -> None:
+        if text not in self._said:
+            self._said.add(text)
+            self.logger.message(text)
 
     def _uses_sharded_state(self) -> bool:
         from accelerate.utils import DistributedType
