@@ -32,7 +32,7 @@ lint: install
 bench: install
 	@for script in benchmarks/*.py; do \
 		case $$script in *_gpu.py|*/gpu_*.py) echo "skip $$script (needs a GPU)"; continue;; esac; \
-		case $$script in */precision_quality.py) [ -d demo/runs ] || { echo "skip $$script (needs make demo first)"; continue; };; esac; \
+		case $$script in */precision_quality.py|*/optimizer_sweep.py) [ -d demo/runs ] || { echo "skip $$script (needs make demo first)"; continue; };; esac; \
 		echo "== $$script"; $(TEST_ENV) $(BIN)/python $$script || exit 1; \
 	done
 
