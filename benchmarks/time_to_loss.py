@@ -1,0 +1,259 @@
+"""Time to quality, end to end: the wall time doge needs to reach the held-out loss that the reference
+stack reaches after N steps, on the same data and machine.
+
+- reference: transformers' native ``DogeForCausalLM`` (sdpa) trained by ``transformers.Trainer`` with
+  AdamW at the Doge-20M recipe's learning rate (8e-3) and its warmup-stable-decay schedule (10% linear
+  warmup, 10% linear decay), bf16 autocast, as the SmallDoge pt.py runs it, for N steps.
+- doge: ``doge train pt`` with its best optimizer and recipe (``optim.name muon`` at ``--muon-lr``, the
+  AdamW part at the recipe's 8e-3; the same schedule shape), for M = N/2, N/3, N/4, N/6 ... steps, each a
+  complete run with its own warmup and decay, until one no longer reaches the reference's loss. The
+  figure is the wall time of the shortest run that does.
+- also doge with AdamW for the full N steps (the same optimizer as the reference): its time against the
+  reference's is the throughput part of the ratio, and its tokens/s against the Muon runs' is the cost
+  of Muon's step at this shape.
+
+Every run starts from the same initial weights (doge's init, saved once), reads the same shuffled
+blocks of the builtin corpus in the same order (the first M·batch of them), and is scored by one
+evaluator outside both stacks: transformers' ``DogeForCausalLM`` in fp32 on the same held-out blocks
+(mean token cross-entropy). Wall time is the time of the training call in a fresh process (the data
+and weights are on disk before it starts): setup, every step, and saving the final model.
+
+    python benchmarks/time_to_loss.py [--steps 240] [--seq-len 2048] [--batch 1] [--muon-lr 0.02]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HELD_OUT = 48  # held-out blocks
+SCHEDULE = {"warmup_ratio": 0.1, "decay_ratio": 0.1}
+
+
+def make_data(root: Path, size: str, seq_len: int, rows: int, seed: int) -> None:
+    """A BPE tokenizer on the builtin corpus, ``rows`` shuffled training blocks, HELD_OUT held-out blocks,
+    and the initial weights at the size preset's shape."""
+    import torch
+    from datasets import Dataset, DatasetDict
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from doge_cli.config import resolve_config
+    from doge_cli.data.builtin import pretraining_texts
+    from doge_cli.model import DogeForCausalLM, save_pretrained
+    from doge_cli.train.objectives.pt import PretrainObjective
+
+    preset_vocab = resolve_config("pt", size=size, hardware="cpu").model.vocab_size
+    texts = list(pretraining_texts())
+    random.Random(seed).shuffle(texts)  # every source in the training and held-out blocks
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts[:6000], trainers.BpeTrainer(
+        vocab_size=min(8192, preset_vocab), special_tokens=["<|end_of_text|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", pad_token="<|pad|>")
+    fast.save_pretrained(root / "tokenizer")
+    need = (rows + HELD_OUT) * seq_len
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(fast(text)["input_ids"] + [fast.eos_token_id])
+        if len(ids) >= need:
+            break
+    if len(ids) < need:
+        sys.exit(f"the builtin corpus gives {len(ids):,} tokens; {need:,} are needed (fewer --steps)")
+    blocks = [ids[i * seq_len:(i + 1) * seq_len] for i in range(rows + HELD_OUT)]
+    random.Random(seed + 1).shuffle(blocks)
+    # One document per block: both stacks see the same causal attention over the whole block.
+    pos = [list(range(seq_len))]
+    DatasetDict({"train": Dataset.from_dict({"input_ids": blocks[:rows], "position_ids": pos * rows}),
+                 "test": Dataset.from_dict({"input_ids": blocks[rows:], "position_ids": pos * HELD_OUT})}
+                ).save_to_disk(str(root / "data"))
+    (root / "data" / "manifest.json").write_text(json.dumps({"tokenizer": str(root / "tokenizer")}))
+    cfg = resolve_config("pt", size=size, hardware="cpu", overrides=[f"data.path={root / 'data'}",
+                                                                     f"data.max_length={seq_len}"])
+    obj = PretrainObjective(cfg)
+    obj.tokenizer = fast
+    hf = obj.hf_config()
+    hf.vocab_size = cfg.model.vocab_size  # the preset's 32k head, which costs what it costs in the recipe
+    torch.manual_seed(seed)
+    save_pretrained(DogeForCausalLM(hf, attn_implementation="eager"), root / "init")
+
+
+def train_doge(root: Path, out: Path, size: str, seq_len: int, steps: int, batch: int, optimizer: str,
+               muon_lr: float, lr: float) -> dict:
+    from doge_cli.config import resolve_config
+    from doge_cli.train.core import train
+    from doge_cli.train.objectives.pt import PretrainObjective
+
+    overrides = [
+        f"data.path={root / 'data'}", f"data.max_length={seq_len}", f"output_dir={out}", f"init_from={root / 'init'}",
+        f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"runtime.micro_batch_size={batch}",
+        "runtime.precision=bf16", "logging.log_every=10", "logging.eval_every=0", "checkpoint.every=0",
+        "data.eval_split=none", "schedule.name=warmup_stable_decay", f"schedule.warmup_ratio={SCHEDULE['warmup_ratio']}",
+        f"schedule.decay_ratio={SCHEDULE['decay_ratio']}", "schedule.min_lr_rate=0", f"optim.name={optimizer}",
+        f"optim.lr={lr}", f"optim.muon_lr={muon_lr}",
+    ]
+    cfg = resolve_config("pt", size=size, hardware="cpu", overrides=overrides)
+    started = time.perf_counter()
+    train(cfg, PretrainObjective(cfg), overwrite=True)
+    wall = time.perf_counter() - started
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_s": wall, "final": str(out / "final"),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records)}
+
+
+def train_reference(root: Path, out: Path, size: str, seq_len: int, steps: int, batch: int, lr: float) -> dict:
+    import torch
+    from datasets import load_from_disk
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from doge_cli.config import resolve_config
+    from doge_cli.train.core import data_order
+
+    cfg = resolve_config("pt", size=size, hardware="cpu")
+    data = load_from_disk(str(root / "data"))["train"]
+    order = data_order(cfg.train.seed, 0, len(data))[: steps * batch].tolist()  # doge's order (seed, epoch 0)
+    data = data.select(order).map(lambda r: {"labels": r["input_ids"]}).remove_columns(["position_ids"])
+    started = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(root / "init", attn_implementation="sdpa", dtype=torch.float32)
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+        learning_rate=lr, weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1,
+        adam_beta2=cfg.optim.beta2, adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
+        lr_scheduler_type="warmup_stable_decay", warmup_steps=round(SCHEDULE["warmup_ratio"] * steps),
+        lr_scheduler_kwargs={"num_decay_steps": round(SCHEDULE["decay_ratio"] * steps), "decay_type": "linear",
+                             "min_lr_ratio": 0.0},
+        logging_steps=10, save_strategy="no", report_to=[], bf16=True, use_cpu=True, dataloader_num_workers=0,
+        seed=cfg.train.seed, disable_tqdm=True,
+    )
+    trainer = InOrder(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(out / "final"))
+    AutoTokenizer.from_pretrained(root / "tokenizer").save_pretrained(out / "final")
+    wall = time.perf_counter() - started
+    return {"wall_s": wall, "final": str(out / "final"), "tokens_per_s": steps * batch * seq_len / wall}
+
+
+def held_out_loss(root: Path, model_dir: str) -> float:
+    """Mean token cross-entropy on the held-out blocks: transformers' Doge in fp32 (the judge of both)."""
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    rows = load_from_disk(str(root / "data"))["test"]["input_ids"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([row])
+            logits = model(ids).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return total / count
+
+
+def child(args) -> None:
+    import accelerate  # noqa: F401  (imports before the clock, as for both stacks)
+    import transformers  # noqa: F401
+    from transformers import Trainer  # noqa: F401
+
+    import doge_cli.train.core  # noqa: F401
+
+    root, out = Path(args.root), Path(args.out)
+    if args.child == "reference":
+        result = train_reference(root, out, args.size, args.seq_len, args.steps, args.batch, args.lr)
+    else:
+        result = train_doge(root, out, args.size, args.seq_len, args.steps, args.batch, args.child, args.muon_lr,
+                            args.lr)
+    result["held_out_loss"] = held_out_loss(root, result["final"])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(args, root: Path, side: str, steps: int) -> dict:
+    out = root / f"{side}-{steps}"
+    cmd = [sys.executable, __file__, "--child", side, "--root", str(root), "--out", str(out), "--size", args.size,
+           "--seq-len", str(args.seq_len), "--steps", str(steps), "--batch", str(args.batch),
+           "--lr", str(args.lr), "--muon-lr", str(args.muon_lr)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DOGE_PLAIN_LOGS": "1"})
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{side} run of {steps} steps failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(line[7:])
+    print(f"{side:>9} {steps:>4} steps: {result['wall_s']:7.1f} s, held-out loss {result['held_out_loss']:.4f}, "
+          f"{result['tokens_per_s']:,.0f} tokens/s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="20M")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=240, help="N: the reference's steps (~10 min on this CPU)")
+    parser.add_argument("--lr", type=float, default=8e-3, help="AdamW rate (the Doge-20M recipe's)")
+    parser.add_argument("--muon-lr", type=float, default=0.02, help="doge's Muon rate")
+    parser.add_argument("--divisors", default="2,3,4,6", help="doge runs of N/d steps, in this order")
+    parser.add_argument("--child", choices=["reference", "adamw", "muon"], help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args)
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_data(root, args.size, args.seq_len, rows=args.steps * args.batch, seed=0)
+        print(f"Doge-{args.size} shape, seq {args.seq_len}, batch {args.batch}, bf16; reference N = {args.steps} "
+              f"steps; doge Muon at muon_lr {args.muon_lr:g} (AdamW part {args.lr:g})", flush=True)
+        ref = run_child(args, root, "reference", args.steps)
+        adamw = run_child(args, root, "adamw", args.steps)
+        reached = None
+        muon_runs = []
+        for d in [int(x) for x in args.divisors.split(",")]:
+            steps = max(1, round(args.steps / d))
+            result = run_child(args, root, "muon", steps)
+            muon_runs.append((steps, result))
+            if result["held_out_loss"] > ref["held_out_loss"]:
+                break
+            reached = (steps, result)
+        if reached is None:  # not even at N/2: try the full N
+            result = run_child(args, root, "muon", args.steps)
+            muon_runs.append((args.steps, result))
+            if result["held_out_loss"] <= ref["held_out_loss"]:
+                reached = (args.steps, result)
+    print(f"\nreference loss after {args.steps} steps: {ref['held_out_loss']:.4f} in {ref['wall_s']:.0f} s")
+    print(f"doge AdamW, same {args.steps} steps: loss {adamw['held_out_loss']:.4f} in {adamw['wall_s']:.0f} s "
+          f"({ref['wall_s'] / adamw['wall_s']:.2f}x faster)")
+    muon_speed = statistics.median(r["tokens_per_s"] for _, r in muon_runs)
+    print(f"training tokens/s at this shape: AdamW {adamw['tokens_per_s']:,.0f}, Muon {muon_speed:,.0f} "
+          f"(Muon / AdamW {muon_speed / adamw['tokens_per_s']:.2f}x)")
+    if reached is None:
+        print("doge Muon did not reach the reference's loss within N steps")
+        ratio = None
+    else:
+        steps, result = reached
+        ratio = ref["wall_s"] / result["wall_s"]
+        print(f"doge Muon reaches it in {steps} steps ({steps / args.steps:.0%} of the tokens) and "
+              f"{result['wall_s']:.0f} s: time to loss {ratio:.2f}x faster than the reference")
+    print("RESULT " + json.dumps({"reference": ref, "adamw": adamw, "muon": muon_runs, "ratio": ratio}))
+
+
+if __name__ == "__main__":
+    main()
