@@ -322,23 +322,38 @@ def environment_rows(runs: list[Run]) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------- output
 
 
-def plot_losses(runs: list[Run], out_png: Path) -> bool:
-    """One panel per run with its train and eval loss; False when no run logged anything."""
-    shown = [r for r in runs if r.records]
-    if not shown:
-        return False
+def _panels(n: int):
+    """A figure with ``n`` panels, three to a row (the unused ones hidden)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _save(fig, out_png: Path) -> None:
+    import matplotlib.pyplot as plt
+
     from doge_cli.io import atomic_file
 
-    cols = min(3, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(shown):]:
-        ax.set_visible(False)
+    fig.tight_layout()
+    with atomic_file(out_png) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def plot_losses(runs: list[Run], out_png: Path) -> bool:
+    """One panel per run with its train and eval loss; False when no run logged anything."""
+    shown = [r for r in runs if r.records]
+    if not shown:
+        return False
+    fig, axes = _panels(len(shown))
     for ax, run in zip(axes.flat, shown):
         train = [(r["step"], r["loss"]) for r in run.records if isinstance(r.get("loss"), (int, float))]
         evals = [(r["step"], r["eval_loss"]) for r in run.records if isinstance(r.get("eval_loss"), (int, float))]
@@ -351,10 +366,7 @@ def plot_losses(runs: list[Run], out_png: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.set_ylabel("loss")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_file(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    _save(fig, out_png)
     return True
 
 
@@ -364,18 +376,7 @@ def plot_eval_tasks(runs: list[Run], out_png: Path) -> bool:
     keys = task_keys(runs)
     if not keys:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from doge_cli.io import atomic_file
-
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-    for ax in axes.flat[len(keys):]:
-        ax.set_visible(False)
+    fig, axes = _panels(len(keys))
     for ax, key in zip(axes.flat, keys):
         for run in runs:
             points = [(r["step"], r[key]) for r in run.records if isinstance(r.get(key), (int, float))]
@@ -387,10 +388,7 @@ def plot_eval_tasks(runs: list[Run], out_png: Path) -> bool:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(out_png) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    _save(fig, out_png)
     return True
 
 
