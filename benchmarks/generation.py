@@ -7,17 +7,20 @@ and on the CPU doge's weight-only ``int8``, which transformers' stack has no cou
 length (32, 512) and batch (1, 8): new tokens/s of a 64-token reply, time to first token (a 1-token reply:
 prefill and the first choice), and the peak resident memory of the process.
 
-The bound: a decoding step reads every weight once (doge's step: ``Decoder.weight_bytes``, int8 weights
-with their scales; on a CPU doge computes bf16 models with fp32 copies, so its bf16 step reads fp32
-bytes) plus each row's keys, values and mask biases; at a memory bandwidth of B bytes/s a batch of b rows
-makes at most ``b * B / (weights + b * cache)`` tokens/s. B is measured in the same process right after the
-run, as the median rate of summing a float32 buffer the size of the step's reads (the working set decides
-which cache level serves it). "of bound" is the measured rate over that bound.
+The bound: a decoding step reads every weight once (doge's step: ``Decoder.weight_bytes``: with the fused
+CPU step, doge_cli/kernels/cpu_decode.c, the matrices in the model's own dtype; int8 weights with their
+scales; the PyTorch step computes bf16 models with fp32 copies, so it reads fp32 bytes) plus each row's keys,
+values and mask biases; at a memory bandwidth of B bytes/s a batch of b rows makes at most
+``b * B / (weights + b * cache)`` tokens/s. B is measured in the same process right after the run, as the
+median rate of summing a float32 buffer the size of the step's reads (the working set decides which cache
+level serves it). "decode tok/s" counts the decoding steps alone (the 64-token reply's time less the
+1-token reply's, i.e. prefill and first choice taken out); "of bound" is that rate over the bound.
 
 Every (stack, precision) pair runs in its own subprocess so its memory is its own; the stacks alternate per
-round and each figure is the median over the rounds. On a CPU (without ``--quick``) a third stack,
-``doge-compiled``, decodes through the torch.compile'd step (``Engine(compile=True)``; its compiling
-happens in the warm-up, outside the timings). On a GPU a third stack, ``doge-eager``, decodes
+round and each figure is the median over the rounds. On a CPU two more stacks run: ``doge-torch``, doge's
+PyTorch decoding step (``DOGE_CPU_KERNEL=0``: what the fused step replaces), and, without ``--quick``,
+``doge-compiled``, which decodes through the torch.compile'd PyTorch step (``Engine(compile=True)``; its
+compiling happens in the warm-up, outside the timings). On a GPU a third stack, ``doge-eager``, decodes
 without CUDA graphs (``DOGE_CUDA_GRAPHS=0``): the graphs' speed-up, and whether they chose the same
 tokens as eager decoding.
 
@@ -67,6 +70,8 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
     warnings.filterwarnings("ignore")
     if stack == "doge-eager":
         os.environ["DOGE_CUDA_GRAPHS"] = "0"
+    if stack == "doge-torch":
+        os.environ["DOGE_CPU_KERNEL"] = "0"
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     config = size_config(size)
@@ -127,6 +132,7 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
                 assert seq.shape == (batch, prompt + new)
                 cache_bytes = per_position * (prompt + new / 2)  # a row's reads at the reply's middle
                 out[f"{prompt}x{batch}"] = {"tok_s": batch * new / seconds, "ttft_s": ttft,
+                                            "decode_tok_s": batch * (new - 1) / max(seconds - ttft, 1e-9),
                                             "tokens": seq[:, prompt:].tolist(),
                                             "step_bytes": weight_bytes + batch * cache_bytes}
     out["peak_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
@@ -156,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict[tuple[str, str], list[dict]] = {}
     cpu = args.device == "cpu"
-    stacks = ("reference", "doge") + (("doge-eager",) if not cpu else ()) + (("doge-compiled",) if cpu and not args.quick
-                                                                          else ())
+    stacks = ("reference", "doge") + (("doge-eager",) if not cpu else ("doge-torch",)) + (
+        ("doge-compiled",) if cpu and not args.quick else ())
     precisions = PRECISIONS if cpu else PRECISIONS[:2]
-    runs = [(stack, dtype) for dtype in precisions for stack in stacks if not (dtype == "int8" and stack == "reference")]
+    # int8 has no reference, and doge decodes it with the PyTorch step either way
+    runs = [(stack, dtype) for dtype in precisions for stack in stacks
+            if not (dtype == "int8" and stack in ("reference", "doge-torch"))]
     for _ in range(args.rounds):
         for stack, dtype in runs:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", f"{stack}:{dtype}", "--new", str(args.new),
@@ -172,23 +180,25 @@ def main(argv: list[str] | None = None) -> int:
     graphs = "doge-eager" in stacks
     bound = args.device == "cpu"
     print("| precision | prompt x batch | reference tok/s | doge tok/s | speed | vs reference fp32 |"
-          + (" step MB | GB/s | bound tok/s | of bound |" if bound else "")
+          + (" step MB | GB/s | bound tok/s | decode tok/s | of bound |" if bound else "")
           + " reference TTFT ms | doge TTFT ms | TTFT ratio | same tokens |"
           + (" doge eager tok/s | graphs speed-up | graphs = eager tokens |" if graphs else ""))
-    print("|---|---|---|---|---|---|" + ("---|---|---|---|" if bound else "") + "---|---|---|---|"
+    print("|---|---|---|---|---|---|" + ("---|---|---|---|---|" if bound else "") + "---|---|---|---|"
           + ("---|---|---|" if graphs else ""))
 
     def med(rows: list[dict], key: str, field: str) -> float:
         return statistics.median(r[key][field] for r in rows)
 
     ratios, identical = [], True
-    for dtype, variant in [(d, v) for d in precisions for v in ("doge", "doge-compiled") if (v, d) in results]:
+    variants = ("doge", "doge-torch", "doge-compiled")
+    labels = {"doge": "", "doge-torch": ", PyTorch step", "doge-compiled": ", compiled"}
+    for dtype, variant in [(d, v) for d in precisions for v in variants if (v, d) in results]:
         ref, ours = results.get(("reference", dtype)), results[(variant, dtype)]
         for key in (f"{p}x{b}" for p in prompts for b in batches):
             batch = int(key.split("x")[1])
             d_tok, d_ttft = med(ours, key, "tok_s"), med(ours, key, "ttft_s") * 1000
             fp32_tok = med(results[("reference", "float32")], key, "tok_s")
-            cells = [dtype if variant == "doge" else f"{dtype}, compiled", key]
+            cells = [dtype + labels[variant], key]
             if ref is not None:
                 r_tok, r_ttft = med(ref, key, "tok_s"), med(ref, key, "ttft_s") * 1000
                 same = "yes" if all(a[key]["tokens"] == b[key]["tokens"] for a, b in zip(ref, ours)) else "no"
@@ -203,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
                 step = med(ours, key, "step_bytes")
                 bandwidth = med(ours, key, "bandwidth")
                 limit = batch * bandwidth / step
-                cells += [f"{step / 1e6:.1f}", f"{bandwidth / 1e9:.1f}", f"{limit:,.0f}", f"{d_tok / limit:.0%}"]
+                decode = med(ours, key, "decode_tok_s")
+                cells += [f"{step / 1e6:.1f}", f"{bandwidth / 1e9:.1f}", f"{limit:,.0f}", f"{decode:,.0f}",
+                          f"{decode / limit:.0%}"]
             cells += [f"{r_ttft:,.1f}" if r_ttft is not None else "-", f"{d_ttft:,.1f}",
                       f"{d_ttft / r_ttft:.2f}x" if r_ttft is not None else "-", same]
             if graphs and variant == "doge":

@@ -14,11 +14,14 @@ token per row with far fewer operations:
 - only the last position reaches the LM head.
 
 Weights are prepared once per engine (``Decoder(model)``): a model that trains between generations
-(GRPO) gets a new engine, and so fresh copies, for every rollout. On a CPU, products with bf16 or fp16
-weights are slower than fp32 ones at decoding's batch sizes (a 256 x 512 product measured 53 µs in bf16,
-17 µs in fp32), so there the step computes with fp32 copies of low-precision weights; the cache keeps
-the model's dtype. torch.compile of the step was measured no faster on this CPU (6.95 vs 6.62 ms a token
-at Doge-20M, after 27 s of compiling), so the step runs eagerly.
+(GRPO) gets a new engine, and so fresh copies, for every rollout. On a CPU, PyTorch's products with bf16
+or fp16 weights are slower than fp32 ones at decoding's batch sizes (a 256 x 512 product measured 53 µs
+in bf16, 17 µs in fp32), so this step computes with fp32 copies of low-precision weights; the cache keeps
+the model's dtype.
+
+On a CPU, a dense float32 or bfloat16 model decodes through :mod:`doge_cli.kernels.cpu_decode` instead:
+the same step as one compiled call, which reads bfloat16 weights as they are (``Decoder.fused``; this
+module's PyTorch step remains for what it does not cover, each case said once in the log).
 
 It reads the weights directly, so it is used only where they are whole on this process; under DeepSpeed
 ZeRO-3 or FSDP the engine decodes through the model's forward instead (and says so). The result is
@@ -27,6 +30,7 @@ checked against the model's own forward (tests/inference/test_decode.py).
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 
 import torch
@@ -35,6 +39,15 @@ import torch.nn.functional as F
 from doge_cli.model.attention import top_keys
 from doge_cli.model.modeling import MLP, head_dim, is_legacy
 from doge_cli.model.quantize import Int8Linear, int8_linear
+
+logger = logging.getLogger(__name__)
+_SAID: set[str] = set()
+
+
+def _say_once(message: str, level: int) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.log(level, message)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -115,6 +128,16 @@ class Decoder:
         self.head = _product((model.lm_head,), self.dtype)
         self.inv_freq = model.model.rotary_emb.inv_freq
         self.rope_scaling = model.model.rotary_emb.scaling
+        self.fused = None  # the one-call CPU step (doge_cli.kernels.cpu_decode), where it applies
+        if on_cpu:
+            from doge_cli.kernels import cpu_decode
+
+            why = cpu_decode.unsupported(model)
+            if why is None:
+                self.fused = cpu_decode.FusedStep(self)
+            else:
+                _say_once(f"generation: decoding with PyTorch operations, not the fused CPU step: {why}",
+                          logging.WARNING if why == cpu_decode.unavailable_reason() else logging.INFO)
 
     def compiled_static_step(self):
         """:meth:`static_step` through ``torch.compile`` (dynamic shapes: one compile serves every cache
@@ -125,7 +148,10 @@ class Decoder:
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decoding step reads (whatever the batch): every product's weights (int8 ones
-        with their scales), norms and per-layer vectors, and one embedding row a token (counted once)."""
+        with their scales; the fused CPU step's in the model's own dtype), norms and per-layer vectors, and
+        one embedding row a token (counted once)."""
+        if self.fused is not None:
+            return self.fused.bytes_read
         tensors = [self.norm, self.inv_freq, self.embed[0]]
         for product in [self.head] + [p for lw in self.layers for p in (lw.qkv, lw.o) + ((lw.gu, lw.down) if lw.dense
                                                                                           else ())]:
@@ -139,6 +165,11 @@ class Decoder:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """(n,) tokens at (n,) RoPE positions, one per row of the cache's window -> (n, V) fp32 logits."""
+        if self.fused is not None:
+            if self.fused.runs(cache):
+                return self.fused(tokens, positions, cache)
+            _say_once("generation: a step past the keep window (or with a cache in another dtype) runs as "
+                      "PyTorch operations, not the fused CPU step", logging.INFO)
         key_mask = cache.begin(1, None)
         return self._forward(tokens, positions, cache.dtype, key_mask, cache.update)
 
