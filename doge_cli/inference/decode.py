@@ -100,15 +100,32 @@ def _product(layers, dtype: torch.dtype):
     return partial(F.linear, weight=weight, bias=bias)
 
 
+class _Kept:
+    """A model's prepared decoder, kept on the model as a cache: a copy of the model (``copy.deepcopy``,
+    pickling) starts without one and prepares its own from its own weights, so the fused step's pointers
+    never travel to a model they do not belong to."""
+
+    __slots__ = ("versions", "decoder")
+
+    def __init__(self, versions=None, decoder=None):
+        self.versions, self.decoder = versions, decoder
+
+    def __deepcopy__(self, memo):
+        return _Kept()
+
+    def __reduce__(self):
+        return (_Kept, ())
+
+
 def decoder_for(model) -> Decoder:
     """The model's decoder, prepared once and kept while its weights are unchanged (in-place updates, as
     an optimizer's, bump a tensor's version counter, so a model that trained gets fresh copies)."""
     versions = tuple(p._version for p in model.parameters())
     kept = getattr(model, "_doge_decoder", None)
-    if kept is None or kept[0] != versions or kept[1].dtype_of_model != model.dtype:
-        kept = (versions, Decoder(model))
+    if kept is None or kept.decoder is None or kept.versions != versions or kept.decoder.dtype_of_model != model.dtype:
+        kept = _Kept(versions, Decoder(model))
         model._doge_decoder = kept
-    return kept[1]
+    return kept.decoder
 
 
 class Decoder:

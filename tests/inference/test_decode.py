@@ -66,3 +66,23 @@ def test_low_precision_weights_decode_in_fp32_on_cpu_and_the_decoder_is_kept_unt
     with torch.no_grad():
         model.lm_head.weight.add_(1)  # an optimizer step changes weights in place
     assert decoder_for(model) is not decoder
+
+
+def test_a_copy_of_a_model_that_decoded_prepares_its_own_decoder():
+    # The kept decoder is a cache of pointers into this model's weights (the fused CPU step's ctypes
+    # structures cannot even be copied): a deep copy must not carry it, and must decode from its own weights.
+    import copy
+    import pickle
+
+    model = ours_from(hf_twin(tiny_config()), "eager")
+    decoder = decoder_for(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1)
+    assert decoder_for(twin) is not decoder and decoder_for(twin).model is twin
+    cache, mask = _prefilled(model, 2, 5)
+    tokens, positions = torch.tensor([5, 6]), mask.sum(1)
+    mine = decoder_for(model)(tokens, positions, copy.deepcopy(cache))
+    theirs = decoder_for(twin)(tokens, positions, cache)
+    torch.testing.assert_close(theirs, -mine, rtol=1e-4, atol=1e-4)
+    assert decoder_for(pickle.loads(pickle.dumps(model))) is not decoder

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from doge_cli.inference import decode
 from doge_cli.inference.decode import Decoder
 from doge_cli.inference.engine import Engine, Request
 from doge_cli.inference.sampling import SamplingParams
@@ -95,7 +96,8 @@ def test_bf16_weights_are_read_as_bf16_and_agree_with_the_fp32_copies():
         assert (x.float() - y.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * y.float().abs().max()
 
 
-def test_past_the_keep_window_the_pytorch_step_takes_over_and_still_matches_the_model(caplog):
+def test_past_the_keep_window_the_pytorch_step_takes_over_and_still_matches_the_model(caplog, monkeypatch):
+    monkeypatch.setattr(decode, "_SAID", set())  # said once a process: another test may have said it already
     model = ours_from(hf_twin(tiny_config(keep_window_size=6)), "eager")
     fused, _ = _pair(model)
     a, lengths = _prefilled(model, 2, 4, torch.float32)
@@ -158,6 +160,7 @@ def _child(env: dict, code: str) -> subprocess.CompletedProcess:
 CHILD = """
 import logging, torch
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from doge_cli.inference import decode
 from doge_cli.inference.decode import Decoder
 from tests.model.doge_twin import hf_twin, ours_from, tiny_config
 model = ours_from(hf_twin(tiny_config()), "eager")
