@@ -3,7 +3,9 @@ stack reaches after N steps, on the same data and machine.
 
 - reference: transformers' native ``DogeForCausalLM`` (sdpa) trained by ``transformers.Trainer`` with
   AdamW at the Doge-20M recipe's learning rate (8e-3) and its warmup-stable-decay schedule (10% linear
-  warmup, 10% linear decay), bf16 autocast, as the SmallDoge pt.py runs it, for N steps.
+  warmup, 10% linear decay), bf16 autocast as the SmallDoge pt.py runs it (``--precision``: on a CPU
+  without native bf16 (AVX512-BF16 or AMX) both stacks train in fp32, as doge's ``cpu`` hardware preset
+  does, because emulated bf16 is several times slower there), for N steps.
 - doge: ``doge train pt`` with its best optimizer and recipe (``optim.name muon`` at ``--muon-lr``, the
   AdamW part at the recipe's 8e-3; the same schedule shape), for M = N/2, N/3, N/4, N/6 ... steps, each a
   complete run with its own warmup and decay, until one no longer reaches the reference's loss. The
@@ -88,8 +90,17 @@ def make_data(root: Path, size: str, seq_len: int, rows: int, seed: int) -> None
     save_pretrained(DogeForCausalLM(hf, attn_implementation="eager"), root / "init")
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train_doge(root: Path, out: Path, size: str, seq_len: int, steps: int, batch: int, optimizer: str,
-               muon_lr: float, lr: float) -> dict:
+               muon_lr: float, lr: float, precision: str) -> dict:
     from doge_cli.config import resolve_config
     from doge_cli.train.core import train
     from doge_cli.train.objectives.pt import PretrainObjective
@@ -97,7 +108,7 @@ def train_doge(root: Path, out: Path, size: str, seq_len: int, steps: int, batch
     overrides = [
         f"data.path={root / 'data'}", f"data.max_length={seq_len}", f"output_dir={out}", f"init_from={root / 'init'}",
         f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"runtime.micro_batch_size={batch}",
-        "runtime.precision=bf16", "logging.log_every=10", "logging.eval_every=0", "checkpoint.every=0",
+        f"runtime.precision={precision}", "logging.log_every=10", "logging.eval_every=0", "checkpoint.every=0",
         "data.eval_split=none", "schedule.name=warmup_stable_decay", f"schedule.warmup_ratio={SCHEDULE['warmup_ratio']}",
         f"schedule.decay_ratio={SCHEDULE['decay_ratio']}", "schedule.min_lr_rate=0", f"optim.name={optimizer}",
         f"optim.lr={lr}", f"optim.muon_lr={muon_lr}",
@@ -111,7 +122,8 @@ def train_doge(root: Path, out: Path, size: str, seq_len: int, steps: int, batch
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in records)}
 
 
-def train_reference(root: Path, out: Path, size: str, seq_len: int, steps: int, batch: int, lr: float) -> dict:
+def train_reference(root: Path, out: Path, size: str, seq_len: int, steps: int, batch: int, lr: float,
+                    precision: str) -> dict:
     import torch
     from datasets import load_from_disk
     from torch.utils.data import SequentialSampler
@@ -138,7 +150,7 @@ def train_reference(root: Path, out: Path, size: str, seq_len: int, steps: int, 
         lr_scheduler_type="warmup_stable_decay", warmup_steps=round(SCHEDULE["warmup_ratio"] * steps),
         lr_scheduler_kwargs={"num_decay_steps": round(SCHEDULE["decay_ratio"] * steps), "decay_type": "linear",
                              "min_lr_ratio": 0.0},
-        logging_steps=10, save_strategy="no", report_to=[], bf16=True, use_cpu=True, dataloader_num_workers=0,
+        logging_steps=10, save_strategy="no", report_to=[], bf16=precision == "bf16", use_cpu=True, dataloader_num_workers=0,
         seed=cfg.train.seed, disable_tqdm=True,
     )
     trainer = InOrder(model=model, args=args, train_dataset=data)
@@ -176,10 +188,11 @@ def child(args) -> None:
 
     root, out = Path(args.root), Path(args.out)
     if args.child == "reference":
-        result = train_reference(root, out, args.size, args.seq_len, args.steps, args.batch, args.lr)
+        result = train_reference(root, out, args.size, args.seq_len, args.steps, args.batch, args.lr,
+                                 args.precision)
     else:
         result = train_doge(root, out, args.size, args.seq_len, args.steps, args.batch, args.child, args.muon_lr,
-                            args.lr)
+                            args.lr, args.precision)
     result["held_out_loss"] = held_out_loss(root, result["final"])
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -188,7 +201,7 @@ def run_child(args, root: Path, side: str, steps: int) -> dict:
     out = root / f"{side}-{steps}"
     cmd = [sys.executable, __file__, "--child", side, "--root", str(root), "--out", str(out), "--size", args.size,
            "--seq-len", str(args.seq_len), "--steps", str(steps), "--batch", str(args.batch),
-           "--lr", str(args.lr), "--muon-lr", str(args.muon_lr)]
+           "--lr", str(args.lr), "--muon-lr", str(args.muon_lr), "--precision", args.precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DOGE_PLAIN_LOGS": "1"})
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
@@ -208,10 +221,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=8e-3, help="AdamW rate (the Doge-20M recipe's)")
     parser.add_argument("--muon-lr", type=float, default=0.02, help="doge's Muon rate")
     parser.add_argument("--divisors", default="2,3,4,6", help="doge runs of N/d steps, in this order")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="both stacks' precision; auto: bf16 where the CPU has it natively, else fp32")
     parser.add_argument("--child", choices=["reference", "adamw", "muon"], help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.precision == "auto":
+        args.precision = "bf16" if native_bf16() else "fp32"
     if args.child:
         child(args)
         return
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root, args.size, args.seq_len, rows=args.steps * args.batch, seed=0)
-        print(f"Doge-{args.size} shape, seq {args.seq_len}, batch {args.batch}, bf16; reference N = {args.steps} "
+        print(f"Doge-{args.size} shape, seq {args.seq_len}, batch {args.batch}, {args.precision}; reference N = {args.steps} "
               f"steps; doge Muon at muon_lr {args.muon_lr:g} (AdamW part {args.lr:g})", flush=True)
         ref = run_child(args, root, "reference", args.steps)
         adamw = run_child(args, root, "adamw", args.steps)
