@@ -14,7 +14,8 @@ values and mask biases; at a memory bandwidth of B bytes/s a batch of b rows mak
 ``b * B / (weights + b * cache)`` tokens/s. B is measured in the same process right after the run, as the
 median rate of summing a float32 buffer the size of the step's reads (the working set decides which cache
 level serves it). "decode tok/s" counts the decoding steps alone (the 64-token reply's time less the
-1-token reply's, i.e. prefill and first choice taken out); "of bound" is that rate over the bound.
+1-token reply's, i.e. prefill and first choice taken out; "too short" where a reply of a few tokens took
+no longer than its first, which happens at tiny sizes); "of bound" is that rate over the bound.
 
 Every (stack, precision) pair runs in its own subprocess so its memory is its own; the stacks alternate per
 round and each figure is the median over the rounds. On a CPU two more stacks run: ``doge-torch``, doge's
@@ -132,7 +133,10 @@ def _child(stack: str, size: str, dtype: str, prompts: list[int], batches: list[
                 assert seq.shape == (batch, prompt + new)
                 cache_bytes = per_position * (prompt + new / 2)  # a row's reads at the reply's middle
                 out[f"{prompt}x{batch}"] = {"tok_s": batch * new / seconds, "ttft_s": ttft,
-                                            "decode_tok_s": batch * (new - 1) / max(seconds - ttft, 1e-9),
+                                            # None when the reply took no longer than its first token
+                                            # (tiny models, a few tokens: timer noise), not a huge rate
+                                            "decode_tok_s": (batch * (new - 1) / (seconds - ttft)
+                                                             if seconds > ttft else None),
                                             "tokens": seq[:, prompt:].tolist(),
                                             "step_bytes": weight_bytes + batch * cache_bytes}
     out["peak_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
@@ -213,9 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                 step = med(ours, key, "step_bytes")
                 bandwidth = med(ours, key, "bandwidth")
                 limit = batch * bandwidth / step
-                decode = med(ours, key, "decode_tok_s")
-                cells += [f"{step / 1e6:.1f}", f"{bandwidth / 1e9:.1f}", f"{limit:,.0f}", f"{decode:,.0f}",
-                          f"{decode / limit:.0%}"]
+                rates = [r[key]["decode_tok_s"] for r in ours if r[key]["decode_tok_s"] is not None]
+                decode = statistics.median(rates) if rates else None
+                cells += [f"{step / 1e6:.1f}", f"{bandwidth / 1e9:.1f}", f"{limit:,.0f}",
+                          f"{decode:,.0f}" if decode else "too short", f"{decode / limit:.0%}" if decode else "-"]
             cells += [f"{r_ttft:,.1f}" if r_ttft is not None else "-", f"{d_ttft:,.1f}",
                       f"{d_ttft / r_ttft:.2f}x" if r_ttft is not None else "-", same]
             if graphs and variant == "doge":

@@ -185,7 +185,7 @@ class Engine:
                     raise request.error
             if self.running:
                 self._decode()
-            else:  # every forward is collective: keep pace with the processes still generating
+            elif self.stop_together is not None:  # every forward is collective: keep pace with the others
                 self._idle_forward()
 
     # -- prefill -----------------------------------------------------------------------------

@@ -113,6 +113,28 @@ def test_stop_strings_and_streaming_with_a_tokenizer(tmp_path):
     assert "".join(pieces) == cut.text
 
 
+def test_requests_that_end_at_their_first_token_cost_one_forward(monkeypatch):
+    """A reply of one token (or one that stops at its first) is the prefill and nothing else: no dropped
+    forward after it (that one belongs to stop_together's pacing alone). It made one-token replies slower
+    than two-token ones, and benchmarks/generation.py's first-token times with them."""
+    from doge_cli.inference.decode import Decoder
+
+    _, ours = _pair()
+    calls, decodes = [], []
+    forward, step = ours.forward, Decoder.__call__
+    monkeypatch.setattr(ours, "forward", lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k))
+    monkeypatch.setattr(Decoder, "__call__", lambda self, tokens, *a: decodes.append(len(tokens)) or step(self, tokens, *a))
+    prompts = _prompts()
+    one = [Request(p, SamplingParams(greedy=True, max_new_tokens=1)) for p in prompts[:2]]
+    Engine(ours, max_batch=2).generate(one)
+    assert [len(r.token_ids) for r in one] == [1, 1] and len(calls) == 1 and decodes == []
+    # more requests than rows: each batch is one prefill, still nothing dropped
+    calls.clear()
+    many = [Request(p, SamplingParams(greedy=True, max_new_tokens=1)) for p in prompts]
+    Engine(ours, max_batch=2).generate(many)
+    assert all(len(r.token_ids) == 1 for r in many) and len(calls) == 2 and decodes == []
+
+
 def test_a_process_whose_requests_are_done_keeps_pace_with_the_others(monkeypatch):
     """Under ZeRO-3 every forward is collective: until stop_together says every process is done, a
     process with nothing left runs forwards too (and its own results are unchanged)."""
