@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=240, help="N: the reference's steps (~10 min on this CPU)")
     parser.add_argument("--lr", type=float, default=8e-3, help="AdamW rate (the Doge-20M recipe's)")
     parser.add_argument("--muon-lr", type=float, default=0.02, help="doge's Muon rate")
-    parser.add_argument("--divisors", default="2,3,4,6", help="doge runs of N/d steps, in this order")
+    parser.add_argument("--divisors", default="2,3,4,6",
+                        help="doge runs of N/d steps, in this order (d may be fractional: 1.5 is 2N/3)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="both stacks' precision; auto: bf16 where the CPU has it natively, else fp32")
     parser.add_argument("--child", choices=["reference", "adamw", "muon"], help=argparse.SUPPRESS)
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         adamw = run_child(args, root, "adamw", args.steps)
         reached = None
         muon_runs = []
-        for d in [int(x) for x in args.divisors.split(",")]:
+        for d in [float(x) for x in args.divisors.split(",")]:
             steps = max(1, round(args.steps / d))
             result = run_child(args, root, "muon", steps)
             muon_runs.append((steps, result))

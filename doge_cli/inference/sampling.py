@@ -173,6 +173,16 @@ class RowSampler:
         return tokens[0], logprobs[0]
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of (n, V) ``logits``: the first maximum, and a row's first NaN where it has one
+    (torch's rule, which numpy's argmax shares). On a CPU, float32 rows go through numpy's vectorised argmax:
+    torch's takes ~180 us for one 32k-vocabulary row there (and milliseconds for eight on a busy 2-core
+    machine) against numpy's ~30 us, a share of every decoding step at batch 1."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.dim() == 2:
+        return torch.from_numpy(logits.detach().numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler], want_logprobs: list[bool]
                   ) -> tuple[list[int], list[float | None]]:
     """The next token of every row of (n, V) fp32 ``logits``, row ``i`` chosen as ``samplers[i]`` says.
@@ -194,11 +204,10 @@ def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler], want_logprob
         p = s.params
         groups.setdefault(("greedy",) if p.greedy else (p.temperature, p.top_k, p.top_p), []).append(i)
     for key, rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        part = logits.index_select(0, index) if len(rows) < n else logits
+        part = logits.index_select(0, torch.tensor(rows, device=logits.device)) if len(rows) < n else logits
         if key == ("greedy",):
             scaled = part
-            chosen = part.argmax(dim=-1)
+            chosen = greedy_tokens(part)
         else:
             temperature, top_k, top_p = key
             scaled = part / temperature

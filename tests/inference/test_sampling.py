@@ -132,3 +132,22 @@ def test_the_extreme_seeds_torch_takes_are_accepted():
         params = SamplingParams(seed=seed)
         params.validate()
         RowSampler(params, 50, [1], "cpu")  # seeds its generator: no overflow
+
+
+def test_greedy_tokens_follow_torch_argmax_on_ties_nans_and_infinities():
+    """The CPU fast path (numpy's argmax) picks what torch.argmax picks: the first maximum, the first NaN."""
+    from doge_cli.inference.sampling import greedy_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 4, (6, 300), generator=gen).float()  # many ties
+    logits[1, 7] = logits[1, 200] = float("inf")
+    logits[2, 50] = logits[2, 9] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 299] = 99.0
+    logits[5, 0] = float("nan")
+    for rows in (logits, logits[1:4], logits[:, ::2], logits.t().contiguous().t()):
+        chosen = greedy_tokens(rows)
+        assert chosen.dtype == torch.long and torch.equal(chosen, rows.argmax(dim=-1))
+    assert greedy_tokens(logits).tolist()[1:5] == [7, 9, 0, 299]
+    half = logits.to(torch.bfloat16)  # other dtypes keep torch's argmax
+    assert torch.equal(greedy_tokens(half), half.argmax(dim=-1))
