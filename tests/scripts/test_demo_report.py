@@ -22,7 +22,8 @@ GOOD = {  # stage -> task -> metrics, as doge eval writes them; every figure hol
     "sft": {"sft-loss": {"loss": 2.1, "loss_stderr": 0.3}, "preference": {"accuracy": 0.67, "accuracy_stderr": 0.047}},
     "dpo": {"preference": {"accuracy": 0.75, "accuracy_stderr": 0.045, "reward_accuracy": 0.7,
                            "reward_accuracy_stderr": 0.046}, "math-reward": {"format": 0.0, "format_stderr": 0.0}},
-    "r1-sft": {"math-reward": {"format": 1.0, "reward_sampled": 0.40, "reward_sampled_stderr": 0.025}},
+    "r1-sft": {"math-reward": {"format": 1.0, "format_sampled": 0.4, "reward_sampled": 0.40,
+                               "reward_sampled_stderr": 0.025}},
     "grpo": {"math-reward": {"format": 1.0, "reward_sampled": 0.50, "reward_sampled_stderr": 0.024}},
 }
 
@@ -95,3 +96,21 @@ def test_the_moe_continuation_is_reported_against_the_dense_one(tmp_path):
     line = demo_report.continuation_figure(runs)
     assert line == ("  dense -> MoE continuation, 80 steps: held-out loss upcycled MoE 4.2141 vs dense 4.2062 "
                     "nats/token (+0.0079); 5,000 vs 8,800 tokens/s  (reported, no verdict)")
+
+
+def saturated(grpo_reward):
+    """R1-SFT already in the format 95% of the time (its reward 0.99): GRPO has to keep the reward."""
+    tasks = json.loads(json.dumps(GOOD))
+    tasks["r1-sft"]["math-reward"].update(format_sampled=0.95, reward_sampled=0.99)
+    tasks["grpo"]["math-reward"]["reward_sampled"] = grpo_reward
+    return tasks
+
+
+@pytest.mark.parametrize(("grpo_reward", "holds"), [(1.001, True), (0.97, True), (0.95, False)])
+def test_after_a_saturated_r1_sft_grpo_has_to_keep_the_reward(tmp_path, capsys, grpo_reward, holds):
+    runs = tmp_path / "runs"
+    write_all(tmp_path / "eval", runs, saturated(grpo_reward))
+    rc = demo_report.main(["--runs", str(runs), "--eval-dir", str(tmp_path / "eval")])
+    grpo = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  grpo")][0]
+    assert "at training temperature, kept" in grpo and f"{grpo_reward:.3f} ± 0.024" in grpo
+    assert rc == (0 if holds else 1) and grpo.endswith("OK" if holds else "NOT MET")
