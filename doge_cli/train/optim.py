@@ -124,7 +124,8 @@ class Muon(torch.optim.Muon):
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on the groups marked ``muon`` and ``torch.optim.AdamW`` on the others, as one
+    """:class:`Muon` (torch's, Newton-Schulz in float32 on a CPU) on the groups marked ``muon`` and
+    ``torch.optim.AdamW`` on the others, as one
     optimizer. Its ``param_groups`` are what the trainer sets learning rates on (each group keeps its
     peak in ``peak_lr``); each step hands the current rates to the two inner optimizers."""
 
