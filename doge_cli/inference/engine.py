@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from doge_cli.chat_format import config_eos_ids
@@ -56,6 +57,14 @@ def _failed(request: Request, err: BaseException) -> Request:
     """``request`` could not start because of ``err``: it finishes with ``finish_reason == "error"``."""
     request.finish_reason, request.error = "error", err
     return request
+
+
+def _index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 tensor of ``values``; on a CPU through numpy (~3 µs against torch.tensor's ~10 µs from a
+    list, which a decoding step at batch 1 pays twice)."""
+    if device.type == "cpu":
+        return torch.from_numpy(np.array(values, dtype=np.int64))
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def _say_once(message: str) -> None:
@@ -278,8 +287,7 @@ class Engine:
         if self.graphs is not None:
             logits = self._graphed(token_ids, positions)
         elif self.decoder is not None:
-            logits = self.decoder(torch.tensor(token_ids, device=device), torch.tensor(positions, device=device),
-                                  self.cache)
+            logits = self.decoder(_index_tensor(token_ids, device), _index_tensor(positions, device), self.cache)
         else:
             out = self.model(torch.tensor(token_ids, device=device)[:, None],
                              position_ids=torch.tensor(positions, device=device)[:, None],
