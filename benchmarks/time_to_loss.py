@@ -21,6 +21,10 @@ evaluator outside both stacks: transformers' ``DogeForCausalLM`` in fp32 on the 
 and weights are on disk before it starts): setup, every step, and saving the final model.
 
     python benchmarks/time_to_loss.py [--steps 240] [--seq-len 2048] [--batch 1] [--muon-lr 0.02]
+        [--sweep-muon-lrs 0.0025,0.005,0.01,0.02 [--sweep-steps M]]
+
+With ``--sweep-muon-lrs`` doge's Muon rate is chosen first, on a separate draw of the data and initial
+weights (never on the held-out blocks that judge the comparison), and the comparison runs at the best one.
 """
 
 from __future__ import annotations
@@ -212,6 +216,27 @@ def run_child(args, root: Path, side: str, steps: int) -> dict:
     return result
 
 
+def sweep_muon_lr(args) -> float:
+    """Choose doge's Muon rate by held-out loss on a draw that the comparison does not use (data seed 1:
+    another tokenizer sample, shuffle, held-out blocks and initial weights), so that the rate is not tuned
+    on the blocks that judge the comparison. Returns the best rate."""
+    steps = args.sweep_steps or max(1, round(args.steps / 3))
+    rates = [float(x) for x in args.sweep_muon_lrs.split(",")]
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_data(root, args.size, args.seq_len, rows=steps * args.batch, seed=1)
+        print(f"sweep of muon_lr on a separate draw, {steps} steps each:", flush=True)
+        for rate in rates:
+            args.muon_lr = rate
+            print(f"  muon_lr {rate:g}: ", end="", flush=True)
+            losses[rate] = run_child(args, root, "muon", steps)["held_out_loss"]
+    best = min(losses, key=losses.get)
+    print(f"sweep: best muon_lr {best:g} ({', '.join(f'{r:g}: {v:.4f}' for r, v in losses.items())})", flush=True)
+    print("SWEEP " + json.dumps({"steps": steps, "losses": {str(r): v for r, v in losses.items()}, "best": best}))
+    return best
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="20M")
@@ -220,6 +245,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=240, help="N: the reference's steps (~10 min on this CPU)")
     parser.add_argument("--lr", type=float, default=8e-3, help="AdamW rate (the Doge-20M recipe's)")
     parser.add_argument("--muon-lr", type=float, default=0.02, help="doge's Muon rate")
+    parser.add_argument("--sweep-muon-lrs", default="",
+                        help="comma-separated Muon rates to choose --muon-lr from first, on a separate draw "
+                             "(other initial weights, shuffle and held-out blocks), at --sweep-steps")
+    parser.add_argument("--sweep-steps", type=int, default=0, help="steps of each sweep run (default N/3)")
     parser.add_argument("--divisors", default="2,3,4,6",
                         help="doge runs of N/d steps, in this order (d may be fractional: 1.5 is 2N/3)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -235,6 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.sweep_muon_lrs:
+        args.muon_lr = sweep_muon_lr(args)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root, args.size, args.seq_len, rows=args.steps * args.batch, seed=0)

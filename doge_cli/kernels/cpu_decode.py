@@ -5,8 +5,9 @@ token. Issued as ~300 PyTorch operations it costs 2-4x that on a small model, be
 pays a few microseconds of dispatch whatever its size. This kernel does the step's math (the same as
 :class:`doge_cli.inference.decode.Decoder`: RMSNorms, the stacked q|k|v and gate|up products, q/k norms,
 RoPE, the dynamic-mask bias, attention over the row's cached keys, SwiGLU, the residual weights, the
-head) in one C function that torch's own OpenMP threads run, with AVX2/FMA products that read each
-matrix once in its own dtype:
+head) in one C function that torch's own OpenMP threads run, with AVX2/FMA products (512-bit ones for a
+batch of one row where the CPU has AVX-512, with a prefetch that runs ahead of each block of four weight
+rows as one stream) that read each matrix once in its own dtype:
 
 - **float32** models: read as they are.
 - **bfloat16** models: the matrices and the embedding are read as bfloat16 (half the bytes) and widened
