@@ -216,18 +216,22 @@ def run_child(args, root: Path, side: str, steps: int) -> dict:
     return result
 
 
+def rate_list(text: str) -> list[float]:
+    """'0.005,0.01' -> [0.005, 0.01] (argparse reports a ValueError as "invalid rate_list value")."""
+    return [float(x) for x in text.split(",")]
+
+
 def sweep_muon_lr(args) -> float:
     """Choose doge's Muon rate by held-out loss on a draw that the comparison does not use (data seed 1:
     another tokenizer sample, shuffle, held-out blocks and initial weights), so that the rate is not tuned
     on the blocks that judge the comparison. Returns the best rate."""
     steps = args.sweep_steps or max(1, round(args.steps / 3))
-    rates = [float(x) for x in args.sweep_muon_lrs.split(",")]
     losses = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root, args.size, args.seq_len, rows=steps * args.batch, seed=1)
         print(f"sweep of muon_lr on a separate draw, {steps} steps each:", flush=True)
-        for rate in rates:
+        for rate in args.sweep_muon_lrs:
             args.muon_lr = rate
             print(f"  muon_lr {rate:g}: ", end="", flush=True)
             losses[rate] = run_child(args, root, "muon", steps)["held_out_loss"]
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=240, help="N: the reference's steps (~10 min on this CPU)")
     parser.add_argument("--lr", type=float, default=8e-3, help="AdamW rate (the Doge-20M recipe's)")
     parser.add_argument("--muon-lr", type=float, default=0.02, help="doge's Muon rate")
-    parser.add_argument("--sweep-muon-lrs", default="",
+    parser.add_argument("--sweep-muon-lrs", default=[], type=rate_list,
                         help="comma-separated Muon rates to choose --muon-lr from first, on a separate draw "
                              "(other initial weights, shuffle and held-out blocks), at --sweep-steps")
     parser.add_argument("--sweep-steps", type=int, default=0, help="steps of each sweep run (default N/3)")

@@ -152,7 +152,8 @@ static inline __attribute__((always_inline)) void product_rows(const void *w, in
 #endif
 #ifdef DOGE_AVX2
     int kv = k & ~7;
-    if (n == 1 && dtype == F32) {
+    /* (o + 4 <= o1: rows the 512-bit loops above left, if any; else skip even the bf16 split of x) */
+    if (n == 1 && dtype == F32 && o + 4 <= o1) {
         for (; o + 4 <= o1; o += 4) {
             __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
                    s3 = _mm256_setzero_ps();
@@ -173,7 +174,7 @@ static inline __attribute__((always_inline)) void product_rows(const void *w, in
                 for (int j = 0; j < 4; j++) t[j] += load1(w, dtype, base + (int64_t)j * k + i) * x[i];
             for (int j = 0; j < 4; j++) y[o + j] = t[j] + (b ? b[o + j] : 0.0f);
         }
-    } else if (n == 1) {
+    } else if (n == 1 && o + 4 <= o1) {
         /* bf16 pairs: a 32-bit lane holds elements 2j (low half) and 2j+1 (high half), so a 256-bit load of 16
          * weights is two float vectors by a shift and a mask, against x split into its even and odd
          * elements once per product (xs). */
