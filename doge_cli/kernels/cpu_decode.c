@@ -27,6 +27,21 @@
 
 enum { F32 = 0, BF16 = 1 };
 
+/* Built with -DDOGE_PROFILE (benchmarks/decode_profile.py, never for decoding otherwise), the step adds the
+ * wall seconds of each of its sections, as thread 0 sees them, to doge_profile[section]: a product's section
+ * ends at its closing barrier, so it holds the slowest thread's share and the wait for it. */
+enum { S_EMBED, S_NORM1, S_QKV, S_HEADS, S_ATTN, S_O, S_NORM2, S_GU, S_SILU, S_DOWN, S_RESID, S_HEAD, S_COUNT };
+#ifdef DOGE_PROFILE
+double doge_profile[S_COUNT];
+int doge_profile_sections(void) { return S_COUNT; }
+#define PROFILE_START double mark_ = omp_get_wtime();
+#define SECTION(i) do { if (omp_get_thread_num() == 0) { double t_ = omp_get_wtime(); doge_profile[i] += t_ - mark_; \
+                                                        mark_ = t_; } } while (0)
+#else
+#define PROFILE_START
+#define SECTION(i) do { } while (0)
+#endif
+
 typedef struct {
     const void *qkv_w; const float *qkv_b;   /* (q_out + 2 kv_out, H), (q_out + 2 kv_out) or NULL */
     const float *qk_norm;                     /* (hq + hkv, d) or NULL: each head's norm weight */
@@ -308,6 +323,7 @@ int doge_decode_step(const Model *m, int n, int threads, const int64_t *tokens, 
 
 #pragma omp parallel num_threads(threads)
     {
+        PROFILE_START
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) {
             for (int i = 0; i < H; i++) h[(int64_t)r * H + i] = load1(m->embed, m->wdtype, tokens[r] * H + i);
@@ -318,11 +334,14 @@ int doge_decode_step(const Model *m, int n, int threads, const int64_t *tokens, 
                 s[j] = s[j + half] = sinf(f) * m->rope_scaling;
             }
         }
+        SECTION(S_EMBED);
         for (int l = 0; l < m->layers; l++) {
             const Layer *L = &m->layer[l];
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) rms(h + (int64_t)r * H, L->ln1, L->ln1_eps, x + (int64_t)r * H, H);
+            SECTION(S_NORM1);
             product(L->qkv_w, m->wdtype, L->qkv_b, x, qkv, n, H, qkv_n);
+            SECTION(S_QKV);
             /* q|k heads: norm, rotate; the dynamic-mask bias from v; write k, v, bias into the cache */
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) {
@@ -351,6 +370,7 @@ int doge_decode_step(const Model *m, int n, int threads, const int64_t *tokens, 
                 for (int g = 0; g < hb; g++)
                     store1(L->biases, m->cdtype, ((int64_t)r * hb + g) * cap + at[r], bias[(int64_t)r * hb + g]);
             }
+            SECTION(S_HEADS);
             /* attention of each (row, query head) over keys 0 .. end-1, read back from the cache */
 #pragma omp for schedule(static) collapse(2)
             for (int r = 0; r < n; r++) {
@@ -379,30 +399,38 @@ int doge_decode_step(const Model *m, int n, int threads, const int64_t *tokens, 
                     }
                 }
             }
+            SECTION(S_ATTN);
             product(L->o_w, m->wdtype, L->o_b, att, x, n, q_out, H);
+            SECTION(S_O);
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) {
                 float *hr = h + (int64_t)r * H, *xr = x + (int64_t)r * H;
                 for (int i = 0; i < H; i++) hr[i] = L->res1[i] * hr[i] + xr[i];
                 rms(hr, L->ln2, L->ln2_eps, xr, H);
             }
+            SECTION(S_NORM2);
             product(L->gu_w, m->wdtype, L->gu_b, x, gu, n, H, 2 * I);
+            SECTION(S_GU);
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) {
                 const float *gate = gu + (int64_t)r * 2 * I, *up = gate + I;
                 float *mr = mid + (int64_t)r * I;
                 for (int i = 0; i < I; i++) mr[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
             }
+            SECTION(S_SILU);
             product(L->down_w, m->wdtype, L->down_b, mid, x, n, I, H);
+            SECTION(S_DOWN);
 #pragma omp for schedule(static)
             for (int r = 0; r < n; r++) {
                 float *hr = h + (int64_t)r * H, *xr = x + (int64_t)r * H;
                 for (int i = 0; i < H; i++) hr[i] = L->res2[i] * hr[i] + xr[i];
             }
+            SECTION(S_RESID);
         }
 #pragma omp for schedule(static)
         for (int r = 0; r < n; r++) rms(h + (int64_t)r * H, m->norm, m->norm_eps, x + (int64_t)r * H, H);
         product(m->head_w, m->wdtype, m->head_b, x, logits, n, H, m->vocab);
+        SECTION(S_HEAD);
     }
     return 0;
 }

@@ -22,7 +22,8 @@ compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``) into
 ``$XDG_CACHE_HOME/doge/kernels`` (default ``~/.cache/doge/kernels``), keyed by the source, the compiler's
 version and this CPU's flags, so a later process loads it at once; when there is no compiler or the build
 fails, doge says so once and decodes with the PyTorch step. Checked against the PyTorch step and the
-model's forward in tests/kernels/test_cpu_decode.py.
+model's forward in tests/kernels/test_cpu_decode.py. :func:`profiled_library` builds the same source with
+per-section timers for benchmarks/decode_profile.py (where a step's time goes); decoding never uses it.
 """
 
 from __future__ import annotations
@@ -80,15 +81,15 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build() -> Path:
-    """The compiled library for this machine (built once, then found in the cache folder); raises
-    RuntimeError saying why it cannot be built."""
+def _build(flags: list[str] = FLAGS) -> Path:
+    """The compiled library for this machine and ``flags`` (built once, then found in the cache folder);
+    raises RuntimeError saying why it cannot be built."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler ({compiler!r} not found; install gcc or set CC)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode(),
+    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"cpu_decode-{key}.so"
@@ -98,7 +99,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".cpu_decode-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {' '.join(done.stderr.split())[:300]}")
         os.replace(tmp, target)
@@ -116,20 +117,40 @@ def library():
             _LIB.append(None)
             return None
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = _load(_build())
         except (OSError, RuntimeError) as err:
             _WHY.append(f"it could not be built or loaded: {err}")
             _LIB.append(None)
             return None
-        if lib.doge_layer_size() != ctypes.sizeof(_Layer) or lib.doge_model_size() != ctypes.sizeof(_Model):
-            raise RuntimeError("cpu_decode.c and cpu_decode.py disagree on the layout of Layer or Model")
-        lib.doge_decode_step.restype = ctypes.c_int
-        lib.doge_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int, _P, _P, _P,
-                                         ctypes.c_int64, _P, _P, _P]
-        lib.doge_work_floats.restype = ctypes.c_int64
-        lib.doge_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int64]
         _LIB.append(lib)
     return _LIB[0]
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.doge_layer_size() != ctypes.sizeof(_Layer) or lib.doge_model_size() != ctypes.sizeof(_Model):
+        raise RuntimeError("cpu_decode.c and cpu_decode.py disagree on the layout of Layer or Model")
+    lib.doge_decode_step.restype = ctypes.c_int
+    lib.doge_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int, _P, _P, _P,
+                                     ctypes.c_int64, _P, _P, _P]
+    lib.doge_work_floats.restype = ctypes.c_int64
+    lib.doge_work_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+# The step's sections in a profiled build, in the order of cpu_decode.c's enum (benchmarks/decode_profile.py).
+SECTIONS = ("embedding", "norm 1", "qkv product", "q/k norm, RoPE, cache write", "attention", "o product",
+            "residual, norm 2", "gate-up product", "SiLU", "down product", "residual", "final norm, head product")
+
+
+def profiled_library() -> ctypes.CDLL:
+    """A build that times each section of the step (``-DDOGE_PROFILE``: ``doge_profile``, seconds summed
+    over calls on thread 0), for benchmarks/decode_profile.py; decoding never loads it. Raises RuntimeError
+    when it cannot be built."""
+    lib = _load(_build([*FLAGS, "-DDOGE_PROFILE"]))
+    if lib.doge_profile_sections() != len(SECTIONS):
+        raise RuntimeError("cpu_decode.c and cpu_decode.py disagree on the profiled sections")
+    return lib
 
 
 def unavailable_reason() -> str | None:
@@ -168,9 +189,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 class FusedStep:
     """The kernel bound to one :class:`~doge_cli.inference.decode.Decoder`'s prepared weights."""
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, lib: ctypes.CDLL | None = None):
+        """``lib``: the compiled kernel to call (default: :func:`library`; a benchmark passes
+        :func:`profiled_library`)."""
         model, config = decoder.model, decoder.model.config
-        self.lib = library()
+        self.lib = lib if lib is not None else library()
         wdtype = model.dtype
         self.keep = decoder.keep
         self._keep_alive: list[torch.Tensor] = []

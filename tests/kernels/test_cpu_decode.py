@@ -183,3 +183,50 @@ def test_the_kernel_is_built_once_into_the_cache_folder_and_can_be_turned_off(tm
     assert len(built) == 1 and not list((tmp_path / "doge" / "kernels").glob(".cpu_decode-*"))
     off = _child({"XDG_CACHE_HOME": str(tmp_path), "DOGE_CPU_KERNEL": "0"}, CHILD)
     assert off.stdout.strip() == "plain" and "DOGE_CPU_KERNEL=0" in off.stderr
+
+
+def test_the_profiled_build_computes_the_same_step_and_times_its_sections():
+    """cpu_decode.profiled_library (benchmarks/decode_profile.py): the same logits as the decoding build, and
+    every product's section timed."""
+    import ctypes
+
+    model = ours_from(hf_twin(tiny_config()), "eager")
+    lib = cpu_decode.profiled_library()
+    assert lib is not cpu_decode.library()
+    timed, fused = cpu_decode.FusedStep(Decoder(model), lib=lib), Decoder(model).fused
+    sections = (ctypes.c_double * len(cpu_decode.SECTIONS)).in_dll(lib, "doge_profile")
+    before = list(sections)
+    a, lengths = _prefilled(model, 3, 10, torch.float32)
+    b, _ = _prefilled(model, 3, 10, torch.float32)
+    tokens = torch.tensor([5, 6, 7])
+    for step in range(5):
+        got, want = timed(tokens, lengths + step, a), fused(tokens, lengths + step, b)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        tokens = want.argmax(-1)
+    spent = [x - y for x, y in zip(sections, before)]
+    assert all(s >= 0 for s in spent)
+    products = [cpu_decode.SECTIONS.index(name) for name in cpu_decode.SECTIONS if name.endswith("product")]
+    assert len(products) == 5 and all(spent[i] > 0 for i in products)
+
+
+def _benchmark(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_decode_profile_benchmark_reports_every_section(capsys):
+    profile = _benchmark("decode_profile")
+    assert profile.main(["--size", "1M", "--steps", "4", "--rounds", "1", "--dtypes", "float32"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| section")]
+    assert [row.split(" | ")[0][2:] for row in rows] == [*cpu_decode.SECTIONS, "call overhead (Python, ctypes)"]
+    assert "- the five products: " in out and "of the bandwidth" in out
+    with pytest.raises(SystemExit) as bad:
+        profile.main(["--dtypes", "float16"])
+    assert bad.value.code == 2
