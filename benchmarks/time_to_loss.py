@@ -21,10 +21,12 @@ evaluator outside both stacks: transformers' ``DogeForCausalLM`` in fp32 on the 
 and weights are on disk before it starts): setup, every step, and saving the final model.
 
     python benchmarks/time_to_loss.py [--steps 240] [--seq-len 2048] [--batch 1] [--muon-lr 0.02]
-        [--sweep-muon-lrs 0.0025,0.005,0.01,0.02 [--sweep-steps M]]
+        [--sweep-muon-lrs 0.0025,0.005,0.01,0.02 [--sweep-steps M] [--sweep-seeds S] [--sweep-only]]
 
-With ``--sweep-muon-lrs`` doge's Muon rate is chosen first, on a separate draw of the data and initial
-weights (never on the held-out blocks that judge the comparison), and the comparison runs at the best one.
+With ``--sweep-muon-lrs`` doge's Muon rate is chosen first, on separate draws of the data and initial
+weights (``--sweep-seeds`` of them, never the held-out blocks that judge the comparison; the lowest mean
+loss wins, reported with its standard error), and the comparison runs at the best one (``--sweep-only``:
+stop after the sweep).
 """
 
 from __future__ import annotations
@@ -222,22 +224,28 @@ def rate_list(text: str) -> list[float]:
 
 
 def sweep_muon_lr(args) -> float:
-    """Choose doge's Muon rate by held-out loss on a draw that the comparison does not use (data seed 1:
-    another tokenizer sample, shuffle, held-out blocks and initial weights), so that the rate is not tuned
-    on the blocks that judge the comparison. Returns the best rate."""
+    """Choose doge's Muon rate by held-out loss on draws that the comparison does not use (data seeds 1 ..
+    ``--sweep-seeds``: each another tokenizer sample, shuffle, held-out blocks and initial weights), so that
+    the rate is not tuned on the blocks that judge the comparison. Returns the rate of the lowest mean loss."""
     steps = args.sweep_steps or max(1, round(args.steps / 3))
-    losses = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        make_data(root, args.size, args.seq_len, rows=steps * args.batch, seed=1)
-        print(f"sweep of muon_lr on a separate draw, {steps} steps each:", flush=True)
-        for rate in args.sweep_muon_lrs:
-            args.muon_lr = rate
-            print(f"  muon_lr {rate:g}: ", end="", flush=True)
-            losses[rate] = run_child(args, root, "muon", steps)["held_out_loss"]
-    best = min(losses, key=losses.get)
-    print(f"sweep: best muon_lr {best:g} ({', '.join(f'{r:g}: {v:.4f}' for r, v in losses.items())})", flush=True)
-    print("SWEEP " + json.dumps({"steps": steps, "losses": {str(r): v for r, v in losses.items()}, "best": best}))
+    losses: dict[float, list[float]] = {rate: [] for rate in args.sweep_muon_lrs}
+    for seed in range(1, args.sweep_seeds + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            make_data(root, args.size, args.seq_len, rows=steps * args.batch, seed=seed)
+            print(f"sweep of muon_lr on a separate draw (data seed {seed}), {steps} steps each:", flush=True)
+            for rate in args.sweep_muon_lrs:
+                args.muon_lr = rate
+                print(f"  muon_lr {rate:g}: ", end="", flush=True)
+                losses[rate].append(run_child(args, root, "muon", steps)["held_out_loss"])
+    means = {rate: statistics.mean(v) for rate, v in losses.items()}
+    errors = {rate: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan") for rate, v in losses.items()}
+    best = min(means, key=means.get)
+    print(f"sweep over {args.sweep_seeds} draw(s): mean held-out loss (standard error):", flush=True)
+    for rate in losses:
+        print(f"  muon_lr {rate:g}: {means[rate]:.4f} ({errors[rate]:.4f})" + ("  <- best" if rate == best else ""))
+    print("SWEEP " + json.dumps({"steps": steps, "seeds": args.sweep_seeds,
+                                 "losses": {str(r): v for r, v in losses.items()}, "best": best}))
     return best
 
 
@@ -253,6 +261,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma-separated Muon rates to choose --muon-lr from first, on a separate draw "
                              "(other initial weights, shuffle and held-out blocks), at --sweep-steps")
     parser.add_argument("--sweep-steps", type=int, default=0, help="steps of each sweep run (default N/3)")
+    parser.add_argument("--sweep-seeds", type=int, default=1,
+                        help="draws (data seeds 1, 2, ...) each sweep rate runs on; the best mean loss wins")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (no comparison)")
     parser.add_argument("--divisors", default="2,3,4,6",
                         help="doge runs of N/d steps, in this order (d may be fractional: 1.5 is 2N/3)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -268,8 +279,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.sweep_seeds < 1 or (args.sweep_only and not args.sweep_muon_lrs):
+        parser.error("--sweep-seeds must be at least 1, and --sweep-only needs --sweep-muon-lrs")
     if args.sweep_muon_lrs:
         args.muon_lr = sweep_muon_lr(args)
+        if args.sweep_only:
+            return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         make_data(root, args.size, args.seq_len, rows=args.steps * args.batch, seed=0)
