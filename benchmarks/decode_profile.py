@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import platform
 import statistics
 import sys
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompt, --steps and --rounds must be at least 1")
     import torch
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads, "
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.size}, prompt {args.prompt}, {args.steps} steps, "
           f"median of {args.rounds} rounds\n")
     for name in args.dtypes:

@@ -241,9 +241,14 @@ def sweep_muon_lr(args) -> float:
     means = {rate: statistics.mean(v) for rate, v in losses.items()}
     errors = {rate: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan") for rate, v in losses.items()}
     best = min(means, key=means.get)
-    print(f"sweep over {args.sweep_seeds} draw(s): mean held-out loss (standard error):", flush=True)
+    print(f"sweep over {args.sweep_seeds} draw(s): mean held-out loss (standard error); against the best, the "
+          "mean of the per-draw differences (its standard error):", flush=True)
     for rate in losses:
-        print(f"  muon_lr {rate:g}: {means[rate]:.4f} ({errors[rate]:.4f})" + ("  <- best" if rate == best else ""))
+        diffs = [a - b for a, b in zip(losses[rate], losses[best])]
+        paired = (f"{statistics.mean(diffs):+.4f} ({statistics.stdev(diffs) / len(diffs) ** 0.5:.4f})"
+                  if len(diffs) > 1 else f"{diffs[0]:+.4f}")
+        print(f"  muon_lr {rate:g}: {means[rate]:.4f} ({errors[rate]:.4f})"
+              + ("  <- best" if rate == best else f"  {paired}"))
     print("SWEEP " + json.dumps({"steps": steps, "seeds": args.sweep_seeds,
                                  "losses": {str(r): v for r, v in losses.items()}, "best": best}))
     return best

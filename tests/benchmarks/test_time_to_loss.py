@@ -37,6 +37,7 @@ def test_the_lowest_mean_over_draws_wins_and_sweep_only_stops_there(ttl, capsys)
     assert sweep["best"] == 0.01 and sweep["seeds"] == 3
     assert sweep["losses"] == {"0.01": [5.0, 5.0, 5.2], "0.02": [4.9, 5.3, 5.2]}
     assert "muon_lr 0.01: 5.0667 (0.0667)  <- best" in out
+    assert "muon_lr 0.02: 5.1333 (0.1202)  +0.0667 (0.1202)" in out  # differences -0.1, 0.3, 0 by draw
     assert "reference" not in out  # no comparison ran
 
 
