@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--prompt, --steps and --rounds must be at least 1")
+    from doge_cli.config.presets import SIZES, normalize_size
+
+    if normalize_size(args.size) is None:
+        parser.error(f"unknown --size {args.size!r}; sizes: {', '.join(SIZES)}")
     import torch
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "

@@ -286,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.sweep_seeds < 1 or (args.sweep_only and not args.sweep_muon_lrs):
         parser.error("--sweep-seeds must be at least 1, and --sweep-only needs --sweep-muon-lrs")
+    from doge_cli.config.presets import SIZES, normalize_size
+
+    if normalize_size(args.size) is None:
+        parser.error(f"unknown --size {args.size!r}; sizes: {', '.join(SIZES)}")
     if args.sweep_muon_lrs:
         args.muon_lr = sweep_muon_lr(args)
         if args.sweep_only:

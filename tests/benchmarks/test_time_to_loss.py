@@ -49,7 +49,7 @@ def test_one_draw_picks_its_own_best(ttl, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--sweep-only"], ["--sweep-muon-lrs", "0.01", "--sweep-seeds", "0"],
-                                  ["--sweep-muon-lrs", "0.01,x"]])
+                                  ["--sweep-muon-lrs", "0.01,x"], ["--size", "7B", "--sweep-muon-lrs", "0.01"]])
 def test_bad_sweep_flags_exit_2(ttl, argv):
     with pytest.raises(SystemExit) as bad:
         ttl.main(argv)

@@ -227,6 +227,7 @@ def test_the_decode_profile_benchmark_reports_every_section(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| section")]
     assert [row.split(" | ")[0][2:] for row in rows] == [*cpu_decode.SECTIONS, "call overhead (Python, ctypes)"]
     assert "- the five products: " in out and "of the bandwidth" in out
-    with pytest.raises(SystemExit) as bad:
-        profile.main(["--dtypes", "float16"])
-    assert bad.value.code == 2
+    for argv in (["--dtypes", "float16"], ["--size", "7B"], ["--steps", "0"]):
+        with pytest.raises(SystemExit) as bad:
+            profile.main(argv)
+        assert bad.value.code == 2
