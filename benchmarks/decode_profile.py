@@ -50,21 +50,25 @@ def _dtype_list(text: str) -> list[str]:
     return names
 
 
-def _section_bytes(model, layers: int, mean_keys: float) -> dict[int, float]:
-    """Bytes each section reads per step (sections by index in cpu_decode.SECTIONS); others read ~nothing."""
-    from doge_cli.model.modeling import head_dim
+def _section_bytes(model, layers: int, mean_keys: float) -> dict[str, float]:
+    """Bytes each section (by its name in cpu_decode.SECTIONS) reads per step; the others read ~nothing."""
+    from doge_cli.model.modeling import head_dim, is_legacy
 
     config = model.config
-    es = model.lm_head.weight.element_size()
+    es = model.lm_head.weight.element_size()  # the matrices' and the cache's dtype
     layer = model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = sum(m.weight.numel() for m in (attn.q_proj, attn.k_proj, attn.v_proj))
     hkv, d = config.num_key_value_heads, head_dim(config)
-    hb = config.num_attention_heads if getattr(config, "small_doge_legacy", False) else hkv
-    cache = mean_keys * (2 * hkv * d + hb) * es * layers
-    return {2: qkv * es * layers, 4: cache, 5: attn.o_proj.weight.numel() * es * layers,
-            7: (mlp.gate_proj.weight.numel() + mlp.up_proj.weight.numel()) * es * layers,
-            9: mlp.down_proj.weight.numel() * es * layers, 11: model.lm_head.weight.numel() * es}
+    hb = config.num_attention_heads if is_legacy(config) else hkv
+    per_layer = {"qkv product": [attn.q_proj, attn.k_proj, attn.v_proj], "o product": [attn.o_proj],
+                 "gate-up product": [mlp.gate_proj, mlp.up_proj], "down product": [mlp.down_proj]}
+    reads = {name: sum(m.weight.numel() for m in mods) * es * layers for name, mods in per_layer.items()}
+    reads["attention"] = mean_keys * (2 * hkv * d + hb) * es * layers
+    reads["final norm, head product"] = model.lm_head.weight.numel() * es
+    return reads
+
+
+PRODUCTS = ("qkv product", "o product", "gate-up product", "down product", "final norm, head product")
 
 
 def profile(size: str, dtype_name: str, prompt: int, steps: int, rounds: int) -> dict:
@@ -105,7 +109,7 @@ def profile(size: str, dtype_name: str, prompt: int, steps: int, rounds: int) ->
     seconds = [statistics.median(r[i] for r in per_round) for i in range(len(cpu_decode.SECTIONS))]
     wall = statistics.median(walls)
     reads = _section_bytes(model, config.num_hidden_layers, prompt + (steps + 1) / 2)
-    total_bytes = step.bytes_read + reads[4]
+    total_bytes = step.bytes_read + reads["attention"]
     bandwidth = _generation()._bandwidth(int(total_bytes))
     return {"size": size, "dtype": dtype_name, "sections": seconds, "wall": wall, "reads": reads,
             "bytes": total_bytes, "bandwidth": bandwidth}
@@ -120,22 +124,21 @@ def report(result: dict) -> str:
              f"bound {result['bytes'] / bw * 1e3:.3f} ms ({result['bytes'] / 1e6:.1f} MB at {bw / 1e9:.1f} GB/s), "
              f"{result['bytes'] / bw / wall:.0%} of it",
              "", "| section | us/step | share | MB read | GB/s | of bandwidth |", "|---|---|---|---|---|---|"]
-    for i, name in enumerate(SECTIONS):
-        cells = [name, f"{seconds[i] * 1e6:.1f}", f"{seconds[i] / wall:.1%}"]
-        if i in reads and seconds[i] > 0:
-            rate = reads[i] / seconds[i]
-            cells += [f"{reads[i] / 1e6:.2f}", f"{rate / 1e9:.1f}", f"{rate / bw:.0%}"]
+    for name, spent in zip(SECTIONS, seconds):
+        cells = [name, f"{spent * 1e6:.1f}", f"{spent / wall:.1%}"]
+        if name in reads and spent > 0:
+            rate = reads[name] / spent
+            cells += [f"{reads[name] / 1e6:.2f}", f"{rate / 1e9:.1f}", f"{rate / bw:.0%}"]
         else:
             cells += ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"| call overhead (Python, ctypes) | {(wall - kernel) * 1e6:.1f} | {(wall - kernel) / wall:.1%} "
                  "|  |  |  |")
-    products = [2, 5, 7, 9, 11]
-    p_time, p_bytes = sum(seconds[i] for i in products), sum(reads[i] for i in products)
+    p_time = sum(spent for name, spent in zip(SECTIONS, seconds) if name in PRODUCTS)
+    p_bytes = sum(reads[name] for name in PRODUCTS)
     lines += ["", f"- the five products: {p_time / wall:.0%} of the step, reading {p_bytes / 1e6:.1f} MB at "
                   f"{p_bytes / p_time / 1e9:.1f} GB/s ({p_bytes / p_time / bw:.0%} of the bandwidth)",
-              f"- everything else (attention over the cache included): {(wall - p_time) * 1e6:.0f} us a step; "
-              f"at the products' rate the step would take {p_time * 1e3:.3f} ms plus that"]
+              f"- everything else (attention over the cache included): {(wall - p_time) * 1e6:.0f} us a step"]
     return "\n".join(lines)
 
 

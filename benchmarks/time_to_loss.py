@@ -239,16 +239,18 @@ def sweep_muon_lr(args) -> float:
                 print(f"  muon_lr {rate:g}: ", end="", flush=True)
                 losses[rate].append(run_child(args, root, "muon", steps)["held_out_loss"])
     means = {rate: statistics.mean(v) for rate, v in losses.items()}
-    errors = {rate: statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else float("nan") for rate, v in losses.items()}
     best = min(means, key=means.get)
+
+    def mean_se(values: list[float], sign: str = "") -> str:  # the standard error only where there are 2+ draws
+        text = f"{statistics.mean(values):{sign}.4f}"
+        return text + (f" ({statistics.stdev(values) / len(values) ** 0.5:.4f})" if len(values) > 1 else "")
+
     print(f"sweep over {args.sweep_seeds} draw(s): mean held-out loss (standard error); against the best, the "
           "mean of the per-draw differences (its standard error):", flush=True)
     for rate in losses:
         diffs = [a - b for a, b in zip(losses[rate], losses[best])]
-        paired = (f"{statistics.mean(diffs):+.4f} ({statistics.stdev(diffs) / len(diffs) ** 0.5:.4f})"
-                  if len(diffs) > 1 else f"{diffs[0]:+.4f}")
-        print(f"  muon_lr {rate:g}: {means[rate]:.4f} ({errors[rate]:.4f})"
-              + ("  <- best" if rate == best else f"  {paired}"))
+        print(f"  muon_lr {rate:g}: {mean_se(losses[rate])}"
+              + ("  <- best" if rate == best else f"  {mean_se(diffs, '+')}"))
     print("SWEEP " + json.dumps({"steps": steps, "seeds": args.sweep_seeds,
                                  "losses": {str(r): v for r, v in losses.items()}, "best": best}))
     return best

@@ -117,17 +117,17 @@ def library():
             _LIB.append(None)
             return None
         try:
-            lib = _load(_build())
+            lib = ctypes.CDLL(str(_build()))
         except (OSError, RuntimeError) as err:
             _WHY.append(f"it could not be built or loaded: {err}")
             _LIB.append(None)
             return None
-        _LIB.append(lib)
+        _LIB.append(_declare(lib))  # outside the try: a layout mismatch is a bug to raise, not a fallback
     return _LIB[0]
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Check the library's struct layouts against ours and declare its functions' signatures."""
     if lib.doge_layer_size() != ctypes.sizeof(_Layer) or lib.doge_model_size() != ctypes.sizeof(_Model):
         raise RuntimeError("cpu_decode.c and cpu_decode.py disagree on the layout of Layer or Model")
     lib.doge_decode_step.restype = ctypes.c_int
@@ -147,7 +147,7 @@ def profiled_library() -> ctypes.CDLL:
     """A build that times each section of the step (``-DDOGE_PROFILE``: ``doge_profile``, seconds summed
     over calls on thread 0), for benchmarks/decode_profile.py; decoding never loads it. Raises RuntimeError
     when it cannot be built."""
-    lib = _load(_build([*FLAGS, "-DDOGE_PROFILE"]))
+    lib = _declare(ctypes.CDLL(str(_build([*FLAGS, "-DDOGE_PROFILE"]))))
     if lib.doge_profile_sections() != len(SECTIONS):
         raise RuntimeError("cpu_decode.c and cpu_decode.py disagree on the profiled sections")
     return lib
